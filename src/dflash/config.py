@@ -1,0 +1,209 @@
+"""Phase configs: YAML loading (YAML 1.2 floats), schema validation with file + field path, `extends:`, runs."""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from dflash.paths import PHASES_DIR, SCHEMA_DIR
+
+
+class ConfigError(ValueError):
+    """A phase file is missing or invalid; the message names the file and the field path."""
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-4` as a float (YAML 1.1 would read it as a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.\d*)?[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(path: Path) -> Any:
+    try:
+        with open(path) as f:
+            return yaml.load(f, Loader=_Loader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+
+
+def load_schema(name: str = "phase") -> dict:
+    return load_yaml(SCHEMA_DIR / f"{name}.schema.yaml")
+
+
+_TYPE_WORDS = {"number": "a number", "integer": "an integer", "string": "a string", "boolean": "true or false",
+               "object": "a mapping", "array": "a list", "null": "null"}
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    v = error.validator
+    if v == "type":
+        types = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
+        got = type(error.instance).__name__
+        return f"expected {' or '.join(t if t in ('number',) else _TYPE_WORDS.get(t, t) for t in types)}" \
+               f" (got {got} {error.instance!r})"
+    if v == "additionalProperties":
+        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        return f"unknown key {', '.join(map(repr, extra))}"
+    if v == "enum":
+        return f"expected one of {error.validator_value}, got {error.instance!r}"
+    if v == "required":
+        return error.message.replace("is a required property", "is required")
+    if v == "oneOf":
+        # report the most specific sub-error (e.g. a wrong type inside a run mapping)
+        best = jsonschema.exceptions.best_match(error.context)
+        return _describe(best) if best is not None else error.message
+    return error.message
+
+
+def _path(error: jsonschema.ValidationError) -> str:
+    if error.validator == "oneOf" and error.context:
+        best = jsonschema.exceptions.best_match(error.context)
+        return ".".join(str(p) for p in list(error.absolute_path) + list(best.relative_path))
+    return ".".join(str(p) for p in error.absolute_path)
+
+
+def validate(document: Any, schema: dict, source: str) -> None:
+    """Raise ConfigError for the first (deepest-path) error, as `<source>: <field.path>: <what>`."""
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(document), key=lambda e: (-len(e.absolute_path), str(e.absolute_path)))
+    if errors:
+        err = errors[0]
+        where = _path(err) or "(top level)"
+        raise ConfigError(f"{source}: {where}: {_describe(err)}")
+
+
+def _resolve(schema: dict, root: dict) -> dict:
+    while "$ref" in schema:
+        node = root
+        for part in schema["$ref"].lstrip("#/").split("/"):
+            node = node[part]
+        schema = node
+    return schema
+
+
+def fill_defaults(instance: Any, schema: dict, root: dict) -> Any:
+    """Return a copy of `instance` with every schema default filled in (recursively, through $ref)."""
+    schema = _resolve(schema, root)
+    if not isinstance(instance, dict) or "properties" not in schema:
+        return copy.deepcopy(instance)
+    out = copy.deepcopy(instance)
+    for key, sub in schema["properties"].items():
+        sub_r = _resolve(sub, root)
+        if key not in out and "default" in sub_r:
+            out[key] = copy.deepcopy(sub_r["default"])
+        if key in out:
+            out[key] = fill_defaults(out[key], sub_r, root)
+    return out
+
+
+def deep_merge(base: Any, override: Any) -> Any:
+    """Mappings merge key by key; anything else (lists included) is replaced by the override."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        out = copy.deepcopy(base)
+        for k, v in override.items():
+            out[k] = deep_merge(out[k], v) if k in out else copy.deepcopy(v)
+        return out
+    return copy.deepcopy(override)
+
+
+@dataclass
+class Phase:
+    name: str
+    file: str
+    description: str
+    runs: dict[str, dict]             # run name -> full run config (defaults filled, validated)
+    datasets: list[dict]
+    references: list[str]
+    external: dict[str, dict] = field(default_factory=dict)
+    chain: list[str] = field(default_factory=list)   # files this phase was assembled from, child first
+
+
+def _read_document(name: str, phases_dir: Path, schema: dict, seen: tuple[str, ...] = ()) -> tuple[dict, list[str]]:
+    path = phases_dir / f"{name}.yaml"
+    rel = _display(path)
+    if name in seen:
+        raise ConfigError(f"{rel}: extends: cycle {' -> '.join((*seen, name))}")
+    if not path.is_file():
+        where = f"{_display(phases_dir / (seen[-1] + '.yaml'))}: extends: " if seen else ""
+        raise ConfigError(f"{where}phase file {rel} not found")
+    doc = load_yaml(path)
+    if doc is None:
+        doc = {}
+    validate(doc, schema, rel)
+    chain = [rel]
+    if "extends" in doc:
+        parent, parent_chain = _read_document(doc["extends"], phases_dir, schema, (*seen, name))
+        chain += parent_chain
+        merged = {k: v for k, v in parent.items() if k not in ("runs", "description")}
+        merged["defaults"] = deep_merge(parent.get("defaults", {}), doc.get("defaults", {}))
+        for key in ("runs", "datasets", "references", "external", "description"):
+            if key in doc:
+                merged[key] = doc[key]
+            elif key == "runs" and "runs" in parent:
+                merged[key] = parent["runs"]
+        doc = merged
+    return doc, chain
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def load_phase(name: str, phases_dir: Path = PHASES_DIR) -> Phase:
+    schema = load_schema()
+    doc, chain = _read_document(name, phases_dir, schema)
+    src = chain[0]
+    if "datasets" not in doc:
+        raise ConfigError(f"{src}: datasets: is required (directly or through extends)")
+    run_schema = {**schema["$defs"]["run"], "$defs": schema["$defs"]}
+    defaults = doc.get("defaults", {})
+    runs = {}
+    for run_name, override in (doc.get("runs") or {"main": None}).items():
+        merged = deep_merge(defaults, override or {})
+        full = fill_defaults(merged, run_schema, schema)
+        validate(full, run_schema, f"{src}: runs.{run_name}")
+        _check_run(full, f"{src}: runs.{run_name}")
+        runs[run_name] = full
+    return Phase(name=name, file=src, description=doc.get("description", ""), runs=runs,
+                 datasets=[fill_defaults(d, schema["$defs"]["dataset"], schema) for d in doc["datasets"]],
+                 references=list(doc.get("references", [])), external=dict(doc.get("external", {})), chain=chain)
+
+
+def _check_run(run: dict, where: str) -> None:
+    """Cross-field rules a JSON schema cannot say."""
+    t = run["target"]
+    needs = {"path": "path", "hub": "hub_id", "gguf": "gguf_file"}
+    if t["kind"] in needs and needs[t["kind"]] not in t:
+        raise ConfigError(f"{where}.target.{needs[t['kind']]}: required when target.kind is {t['kind']!r}")
+    if t["kind"] == "synthetic" and t["synthetic"]["num_heads"] % t["synthetic"]["num_kv_heads"]:
+        raise ConfigError(f"{where}.target.synthetic.num_kv_heads: must divide num_heads")
+    tr = run["train"]
+    if tr["min_lr"] > tr["lr"]:
+        raise ConfigError(f"{where}.train.min_lr: must be <= train.lr ({tr['lr']})")
+    for i, src in enumerate(run["data"]["sources"]):
+        if src["kind"] == "jsonl" and "path" not in src:
+            raise ConfigError(f"{where}.data.sources.{i}.path: required when kind is 'jsonl'")
+        if src["kind"] == "hub" and "hub_id" not in src:
+            raise ConfigError(f"{where}.data.sources.{i}.hub_id: required when kind is 'hub'")
+
+
+def phase_names(phases_dir: Path = PHASES_DIR) -> list[str]:
+    return sorted(p.stem for p in phases_dir.glob("*.yaml"))
+
+
+def load_all(phases_dir: Path = PHASES_DIR) -> dict[str, Phase]:
+    return {name: load_phase(name, phases_dir) for name in phase_names(phases_dir)}

@@ -1,0 +1,99 @@
+"""The DFlash training objective: anchors, block inputs, the block mask and the decay-weighted loss.
+
+One `mask_mod` drives both attention paths: FlexAttention's block mask on GPU and a dense boolean mask for SDPA on
+CPU. Query q belongs to block q // block_size; keys are [target context (S); block tokens (N * block_size)].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def sample_anchors(loss_mask: torch.Tensor, num_anchors: int, block_size: int, generator: torch.Generator,
+                   lengths: torch.Tensor | None = None):
+    """(anchors, keep), both (B, N): N anchor slots per row sampled uniformly without replacement from positions p
+    whose loss mask is set and that leave room for a whole block (p + block_size <= the row's length). Slots beyond the
+    number of valid positions get keep=False (and anchor 0)."""
+    b, s = loss_mask.shape
+    pos = torch.arange(s, device=loss_mask.device)
+    if lengths is None:
+        lengths = torch.full((b,), s, dtype=torch.long, device=loss_mask.device)
+    valid = loss_mask.bool() & (pos[None] + block_size <= lengths[:, None])
+    score = torch.rand(b, s, generator=generator, device="cpu").to(loss_mask.device)
+    score = torch.where(valid, score, torch.full_like(score, -1.0))
+    n = min(num_anchors, s)
+    top, idx = score.topk(n, dim=1)
+    keep = top >= 0
+    anchors = torch.where(keep, idx, torch.zeros_like(idx))
+    if n < num_anchors:
+        pad = num_anchors - n
+        anchors = F.pad(anchors, (0, pad))
+        keep = F.pad(keep, (0, pad), value=False)
+    order = torch.where(keep, anchors, torch.full_like(anchors, s)).argsort(dim=1)
+    return anchors.gather(1, order), keep.gather(1, order)
+
+
+@dataclass
+class Blocks:
+    input_ids: torch.Tensor   # (B, N*bs) anchor token then mask tokens
+    positions: torch.Tensor   # (B, N*bs) absolute positions anchor + k
+    labels: torch.Tensor      # (B, N*bs) token at anchor + k
+    weights: torch.Tensor     # (B, N*bs) exp(-(k-1)/gamma) * loss_mask * keep for k >= 1, else 0
+    k: torch.Tensor           # (N*bs,) position inside the block
+
+
+def build_blocks(input_ids, loss_mask, anchors, keep, block_size: int, mask_token_id: int, gamma: float) -> Blocks:
+    b, s = input_ids.shape
+    n = anchors.shape[1]
+    k = torch.arange(block_size, device=input_ids.device).repeat(n)                     # (N*bs,)
+    positions = anchors.repeat_interleave(block_size, dim=1) + k[None]                  # (B, N*bs)
+    gather_pos = positions.clamp(max=s - 1)
+    labels = input_ids.gather(1, gather_pos)
+    block_ids = torch.where(k[None] == 0, labels, torch.full_like(labels, mask_token_id))
+    decay = torch.exp(-(k.float() - 1) / gamma) * (k >= 1)
+    in_range = positions < s
+    weights = decay[None] * loss_mask.gather(1, gather_pos).float() * in_range \
+        * keep.repeat_interleave(block_size, dim=1)
+    return Blocks(block_ids, positions, labels, weights, k)
+
+
+def mask_mod_for(anchors: torch.Tensor, context_len: int, block_size: int):
+    """mask_mod(b, h, q, kv) -> bool: context key kv < S is visible iff kv < anchor of q's block; block keys are
+    visible iff they belong to q's own block (bidirectional inside the block, never other blocks)."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        blk = q_idx // block_size
+        is_ctx = kv_idx < context_len
+        ctx_ok = is_ctx & (kv_idx < anchors[b, blk])
+        own = (~is_ctx) & ((kv_idx - context_len) // block_size == blk)
+        return ctx_ok | own
+
+    return mask_mod
+
+
+def dense_mask(anchors: torch.Tensor, context_len: int, block_size: int) -> torch.Tensor:
+    """(B, 1, Q, S + Q) bool mask for SDPA, from the same mask_mod."""
+    b, n = anchors.shape
+    q_len = n * block_size
+    dev = anchors.device
+    mm = mask_mod_for(anchors, context_len, block_size)
+    return mm(torch.arange(b, device=dev)[:, None, None, None], None,
+              torch.arange(q_len, device=dev)[None, None, :, None],
+              torch.arange(context_len + q_len, device=dev)[None, None, None, :])
+
+
+def block_loss(logits: torch.Tensor, blocks: Blocks, block_size: int) -> dict:
+    """Decay-weighted cross entropy normalised by the weight sum; accuracy overall and per block position."""
+    ce = F.cross_entropy(logits.float().flatten(0, 1), blocks.labels.flatten(), reduction="none").view_as(blocks.labels)
+    w = blocks.weights
+    wsum = w.sum()
+    loss = (ce * w).sum() / wsum.clamp(min=1e-9)
+    counted = w > 0
+    correct = (logits.argmax(-1) == blocks.labels) & counted
+    per_k_n = torch.zeros(block_size, device=w.device).index_add_(0, blocks.k, counted.sum(0).float())
+    per_k_c = torch.zeros(block_size, device=w.device).index_add_(0, blocks.k, correct.sum(0).float())
+    return {"loss": loss, "weight_sum": wsum.detach(), "correct": correct.sum().detach(),
+            "counted": counted.sum().detach(), "per_k_correct": per_k_c.detach(), "per_k_counted": per_k_n.detach()}
