@@ -6,6 +6,7 @@ nothing is copied from elsewhere. Also links `results/phases/<phase>/<run>/<stag
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -96,7 +97,8 @@ def training_table(data: dict) -> list[dict]:
         t = r["train"]
         gpus = 0 if t["device"] == "cpu" else t.get("world_size", 1)
         rows.append({"run": run, "steps": t["steps"], "samples": t["samples"], "epochs": round(t["epochs"], 3),
-                     "final_loss": _r(t["final_loss"]), "final_acc": _r(t["final_acc"]), "wall_s": round(t["wall_s"], 1),
+                     "final_loss": _r(t["final_loss"]), "final_acc": _r(t["final_acc"]),
+                     "wall_s": round(t["wall_s"], 1),
                      "gpu_hours": round(gpus * t["wall_s"] / 3600, 4), "device": t["device"]})
     return rows
 
@@ -106,9 +108,11 @@ def _r(x, nd: int = 4):
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
-    import pandas as pd
-
-    pd.DataFrame(rows).to_csv(path, index=False)
+    cols = list(dict.fromkeys(c for r in rows for c in r))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
 
 
 def figures(data: dict, out: Path) -> None:
@@ -144,11 +148,11 @@ def figures(data: dict, out: Path) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     for run, r in data.items():
-        hist = [sum(s["histogram"][k] for s in r["bench"].values()) for k in range(len(next(iter(r["bench"].values()))["histogram"]))]
+        summaries = list(r["bench"].values())
+        hist = [sum(col) for col in zip(*(s["histogram"] for s in summaries), strict=True)]
         total = sum(hist) or 1
         ax1.plot(range(len(hist)), [h / total for h in hist], marker="o", label=run)
-        pos = [statistics.fmean(s["acceptance_per_position"][k] for s in r["bench"].values())
-               for k in range(len(next(iter(r["bench"].values()))["acceptance_per_position"]))]
+        pos = [statistics.fmean(col) for col in zip(*(s["acceptance_per_position"] for s in summaries), strict=True)]
         ax2.plot(range(1, len(pos) + 1), pos, marker="o", label=run)
     ax1.set(xlabel="accepted length per step", ylabel="share of steps", title="tau histogram (all datasets)")
     ax2.set(xlabel="draft position k", ylabel="acceptance rate", title="per-position acceptance")
@@ -215,8 +219,9 @@ def build(reg: Registry, phase: str) -> Path:
         figures(data, tmp / "figures")
         (tmp / "report.md").write_text(markdown(reg, phase, tau, speed, training))
         upstream = {"runs": {r: {**p.keys, "bench": p.bench} for r, p in reg.plans[phase].items()}}
-        inputs = {f"{s}/{k}": provenance.sha256_file(stage_dir(s, k) / provenance.PROVENANCE)
-                  for p in reg.plans[phase].values() for s, k in [*p.keys.items(), *(("bench", b) for b in p.bench.values())]}
+        pairs = [(s, k) for p in reg.plans[phase].values()
+                 for s, k in [*p.keys.items(), *(("bench", b) for b in p.bench.values())]]
+        inputs = {f"{s}/{k}": provenance.sha256_file(stage_dir(s, k) / provenance.PROVENANCE) for s, k in pairs}
         ph = reg.phases[phase]
         prov = provenance.record("report", reg.report_key(phase), {"phase": phase, "file": ph.file, "chain": ph.chain,
                                  "references": ph.references}, upstream, tmp, started, inputs, {}, [(phase, "*")])

@@ -74,37 +74,50 @@ def target_generate(target, prompt_ids: list[int], max_new_tokens: int, eos: set
     return Generation(tokens, t1 - t0, time.perf_counter() - t1)
 
 
+class DrafterProposer:
+    """Drafts a block with the DFlash drafter: fills bs-1 masks greedily from the context not yet in its cache."""
+
+    def __init__(self, drafter, target):
+        self.drafter, self.cfg = drafter, drafter.config
+        self.embed, self.lm_head = target.get_input_embeddings(), target.get_output_embeddings()
+        self.dtype = next(drafter.parameters()).dtype
+        self.cache, self.cached = drafter.new_cache(), 0
+
+    def __call__(self, tokens: list[int], start: int, pending: torch.Tensor, bs: int) -> torch.Tensor:
+        dev = pending.device
+        block = torch.full((1, bs), self.cfg.mask_token_id, device=dev)
+        block[0, 0] = tokens[-1]
+        positions = torch.arange(self.cached, start + bs, device=dev)[None]
+        hidden = self.drafter(self.embed(block).to(self.dtype), pending.to(self.dtype), positions, cache=self.cache)
+        self.cached = start                                  # the cache keeps context only, never block tokens
+        return self.lm_head(hidden[0, 1:].to(self.lm_head.weight.dtype)).argmax(-1)
+
+
 @torch.no_grad()
 def dflash_generate(target, drafter, prompt_ids: list[int], max_new_tokens: int, eos: set[int],
-                    temperature: float = 0.0, block_size: int | None = None, generator=None) -> Generation:
+                    temperature: float = 0.0, block_size: int | None = None, generator=None,
+                    propose=None) -> Generation:
+    """DFlash decoding; `propose(tokens, start, pending, bs) -> (bs-1,) ids` defaults to the drafter's proposal."""
     from transformers import DynamicCache
 
     dev = target.device
-    cfg = drafter.config
-    bs = block_size or cfg.block_size
-    layer_ids = cfg.target_layer_ids
-    embed, lm_head = target.get_input_embeddings(), target.get_output_embeddings()
-    dtype = next(drafter.parameters()).dtype
-    cache, dcache = DynamicCache(), drafter.new_cache()
+    bs = block_size or drafter.config.block_size
+    layer_ids = drafter.config.target_layer_ids
+    propose = propose or DrafterProposer(drafter, target)
+    cache = DynamicCache()
     _sync(dev)
     t0 = time.perf_counter()
     out = target(input_ids=torch.tensor([prompt_ids], device=dev), past_key_values=cache, use_cache=True,
                  output_hidden_states=True, logits_to_keep=1)
     tokens = [int(_pick(out.logits[0, -1], temperature, generator))]
     pending = torch.cat([out.hidden_states[i + 1] for i in layer_ids], dim=-1)   # context not yet in draft cache
-    cached = 0                                                                    # draft cache length
     _sync(dev)
     t1 = time.perf_counter()
     accept = []
-    mask_ids = torch.full((bs - 1,), cfg.mask_token_id, device=dev)
-    while len(tokens) < max_new_tokens and tokens[-1] not in eos:
+    while len(tokens) < max_new_tokens and not eos.intersection(tokens[-bs:]):
         start = len(prompt_ids) + len(tokens) - 1            # position of the last committed token
-        block = torch.cat([torch.tensor([tokens[-1]], device=dev), mask_ids])[None]
-        positions = torch.arange(cached, start + bs, device=dev)[None]
-        hidden = drafter(embed(block).to(dtype), pending.to(dtype), positions, cache=dcache)
-        cached = start
-        draft = lm_head(hidden[:, 1:].to(lm_head.weight.dtype)).argmax(-1)       # (1, bs-1), always greedy
-        verify = torch.cat([block[:, :1], draft], dim=1)
+        draft = propose(tokens, start, pending, bs).view(1, bs - 1)
+        verify = torch.cat([torch.tensor([[tokens[-1]]], device=dev), draft], dim=1)
         out = target(input_ids=verify, past_key_values=cache, use_cache=True, output_hidden_states=True)
         post = _pick(out.logits[0], temperature, generator)                       # (bs,)
         a = int(torch.cumprod((draft[0] == post[:-1]).int(), 0).sum())
