@@ -59,17 +59,10 @@ def _describe(error: jsonschema.ValidationError) -> str:
         return f"expected one of {error.validator_value}, got {error.instance!r}"
     if v == "required":
         return error.message.replace("is a required property", "is required")
-    if v == "oneOf":
-        # report the most specific sub-error (e.g. a wrong type inside a run mapping)
-        best = jsonschema.exceptions.best_match(error.context)
-        return _describe(best) if best is not None else error.message
     return error.message
 
 
 def _path(error: jsonschema.ValidationError) -> str:
-    if error.validator == "oneOf" and error.context:
-        best = jsonschema.exceptions.best_match(error.context)
-        return ".".join(str(p) for p in list(error.absolute_path) + list(best.relative_path))
     return ".".join(str(p) for p in error.absolute_path)
 
 
@@ -140,6 +133,8 @@ def _read_document(name: str, phases_dir: Path, schema: dict, seen: tuple[str, .
     doc = load_yaml(path)
     if doc is None:
         doc = {}
+    if isinstance(doc, dict) and isinstance(doc.get("runs"), dict):
+        doc["runs"] = {name: {} if run is None else run for name, run in doc["runs"].items()}   # `R00:` = no change
     validate(doc, schema, rel)
     chain = [rel]
     if "extends" in doc:
@@ -172,8 +167,8 @@ def load_phase(name: str, phases_dir: Path = PHASES_DIR) -> Phase:
     run_schema = {**schema["$defs"]["run"], "$defs": schema["$defs"]}
     defaults = doc.get("defaults", {})
     runs = {}
-    for run_name, override in (doc.get("runs") or {"main": None}).items():
-        merged = deep_merge(defaults, override or {})
+    for run_name, override in (doc.get("runs") or {"main": {}}).items():
+        merged = deep_merge(defaults, override)
         full = fill_defaults(merged, run_schema, schema)
         validate(full, run_schema, f"{src}: runs.{run_name}")
         _check_run(full, f"{src}: runs.{run_name}")

@@ -1,0 +1,75 @@
+"""Phase configs: YAML floats, schema errors naming file and field, extends, runs, defaults."""
+
+import pytest
+import yaml
+
+from conftest import dflash, snakemake
+from dflash.config import ConfigError, load_phase
+
+
+def write(d, name, doc):
+    (d / f"{name}.yaml").write_text(yaml.safe_dump(doc) if isinstance(doc, dict) else doc)
+
+
+DATASETS = [{"name": "synthetic_math", "n": 2}]
+
+
+def test_scientific_notation_is_a_float(tmp_path):
+    write(tmp_path, "p", "defaults:\n  train: {lr: 1e-4, min_lr: 1E-5}\ndatasets: [{name: gsm8k}]\n")
+    run = load_phase("p", tmp_path).runs["main"]
+    assert run["train"]["lr"] == 1e-4 and isinstance(run["train"]["lr"], float)
+    assert run["train"]["min_lr"] == 1e-5
+
+
+def test_defaults_filled_and_runs_override(tmp_path):
+    write(tmp_path, "base", {"defaults": {"train": {"lr": 1e-3}}, "runs": {"a": {}, "b": {"train": {"gamma": 3.0}}},
+                             "datasets": DATASETS})
+    ph = load_phase("base", tmp_path)
+    assert set(ph.runs) == {"a", "b"}
+    assert ph.runs["a"]["train"]["gamma"] == 7.0 and ph.runs["b"]["train"]["gamma"] == 3.0
+    assert ph.runs["b"]["train"]["lr"] == 1e-3 and ph.runs["a"]["drafter"]["block_size"] == 16
+
+
+def test_extends_merges_defaults_and_inherits(tmp_path):
+    write(tmp_path, "base", {"defaults": {"train": {"lr": 1e-3, "gamma": 5.0}}, "datasets": DATASETS,
+                             "references": ["zlab_readme"]})
+    write(tmp_path, "child", {"extends": "base", "defaults": {"train": {"gamma": 3.0}}})
+    ph = load_phase("child", tmp_path)
+    assert ph.runs["main"]["train"]["lr"] == 1e-3 and ph.runs["main"]["train"]["gamma"] == 3.0
+    assert ph.datasets[0]["name"] == "synthetic_math" and ph.references == ["zlab_readme"]
+    assert ph.chain[0].endswith("child.yaml") and ph.chain[1].endswith("base.yaml")
+
+
+@pytest.mark.parametrize("doc, message", [
+    ({"runs": {"R03": {"train": {"lr": "fast"}}}}, "p.yaml: runs.R03.train.lr: expected number"),
+    ({"defaults": {"train": {"lrr": 1.0}}}, "p.yaml: defaults.train: unknown key 'lrr'"),
+    ({"defaults": {"train": {"schedule": "cos"}}}, "p.yaml: defaults.train.schedule: expected one of"),
+    ({"defaults": {"drafter": {"block_size": 1}}}, "p.yaml: defaults.drafter.block_size:"),
+    ({"datasets": [{"n": 3}]}, "p.yaml: datasets.0: 'name' is required"),
+    ({"colour": 1}, "p.yaml: (top level): unknown key 'colour'"),
+    ({"defaults": {"train": {"lr": 1.0e-4, "min_lr": 1.0e-3}}}, "runs.main.train.min_lr: must be <="),
+    ({"extends": "nope"}, "p.yaml: extends: phase file"),
+])
+def test_bad_config_names_file_and_field(tmp_path, doc, message):
+    write(tmp_path, "p", {"datasets": DATASETS, **doc})
+    with pytest.raises(ConfigError) as e:
+        load_phase("p", tmp_path)
+    assert message in str(e.value)
+
+
+def test_extends_cycle(tmp_path):
+    write(tmp_path, "a", {"extends": "b", "datasets": DATASETS})
+    write(tmp_path, "b", {"extends": "a"})
+    with pytest.raises(ConfigError, match="cycle"):
+        load_phase("a", tmp_path)
+
+
+def test_snakemake_refuses_bad_config_and_creates_nothing(repo):
+    bad = repo / "configs" / "phases" / "phase_bad.yaml"
+    bad.write_text("extends: smoke\nruns:\n  R03:\n    train: {lr: fast}\n")
+    proc = snakemake(repo, "-n", "smoke", check=False)
+    assert proc.returncode != 0
+    assert "configs/phases/phase_bad.yaml: runs.R03.train.lr: expected number" in proc.stdout + proc.stderr
+    assert not (repo / "results").exists()
+    cli = dflash(repo, "plan", "phase_bad")
+    assert cli.returncode == 2 and "runs.R03.train.lr: expected number" in cli.stderr

@@ -1,0 +1,95 @@
+"""The training objective against a slow loop-based reference: mask, labels, weights, loss."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from dflash import objective
+
+
+def reference(input_ids, loss_mask, anchors, keep, bs, mask_id, gamma, logits):
+    b, s = input_ids.shape
+    n = anchors.shape[1]
+    q = n * bs
+    mask = torch.zeros(b, 1, q, s + q, dtype=torch.bool)
+    ids = torch.zeros(b, q, dtype=torch.long)
+    labels = torch.zeros(b, q, dtype=torch.long)
+    weights = torch.zeros(b, q)
+    for bi in range(b):
+        for j in range(n):
+            a = int(anchors[bi, j])
+            for k in range(bs):
+                qi = j * bs + k
+                ids[bi, qi] = input_ids[bi, a] if k == 0 else mask_id
+                p = a + k
+                if p < s:
+                    labels[bi, qi] = input_ids[bi, p]
+                if k >= 1 and p < s and loss_mask[bi, p] and keep[bi, j]:
+                    weights[bi, qi] = math.exp(-(k - 1) / gamma)
+                for kv in range(s + q):
+                    if kv < s:
+                        mask[bi, 0, qi, kv] = kv < a          # context strictly before the anchor
+                    else:
+                        mask[bi, 0, qi, kv] = (kv - s) // bs == j   # own block, both directions
+    num, den = 0.0, 0.0
+    for bi in range(b):
+        for qi in range(q):
+            if weights[bi, qi] > 0:
+                ce = -F.log_softmax(logits[bi, qi], -1)[labels[bi, qi]]
+                num += weights[bi, qi] * ce
+                den += weights[bi, qi]
+    return mask, ids, labels, weights, num / den
+
+
+def _batch(seed=0, b=2, s=40, vocab=50):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (b, s), generator=g)
+    loss_mask = torch.zeros(b, s, dtype=torch.bool)
+    loss_mask[0, 10:] = True
+    loss_mask[1, 5:30] = True
+    return ids, loss_mask, torch.tensor([s, 30])
+
+
+def test_fast_path_matches_reference():
+    ids, lmask, lens = _batch()
+    bs, n, mask_id, gamma = 4, 6, 99, 7.0
+    anchors, keep = objective.sample_anchors(lmask, n, bs, torch.Generator().manual_seed(1), lens)
+    blocks = objective.build_blocks(ids, lmask, anchors, keep, bs, mask_id, gamma)
+    logits = torch.randn(2, n * bs, 100, generator=torch.Generator().manual_seed(2))
+    ref_mask, ref_ids, ref_labels, ref_w, ref_loss = reference(ids, lmask, anchors, keep, bs, mask_id, gamma, logits)
+    assert torch.equal(objective.dense_mask(anchors, ids.shape[1], bs), ref_mask)
+    assert torch.equal(blocks.input_ids, ref_ids)
+    valid = ref_w > 0
+    assert torch.equal(blocks.labels[valid], ref_labels[valid])
+    assert torch.allclose(blocks.weights, ref_w)
+    res = objective.block_loss(logits, blocks, bs)
+    assert torch.allclose(res["loss"], torch.as_tensor(ref_loss, dtype=torch.float32), atol=1e-5)
+
+
+def test_anchors_respect_loss_mask_room_and_keep():
+    ids, lmask, lens = _batch()
+    bs = 8
+    anchors, keep = objective.sample_anchors(lmask, 64, bs, torch.Generator().manual_seed(0), lens)
+    for b in range(2):
+        kept = anchors[b][keep[b]]
+        assert len(set(kept.tolist())) == len(kept)               # without replacement
+        assert all(lmask[b, a] and a + bs <= lens[b] for a in kept.tolist())
+    # row 1: loss positions 5..29, room for a block of 8 within length 30 -> anchors 5..22 = 18 valid
+    assert int(keep[1].sum()) == 18 and int(keep[0].sum()) == 40 - 8 - 10 + 1
+
+
+def test_anchors_resampled_per_seed_and_deterministic():
+    _, lmask, lens = _batch()
+    a1, _ = objective.sample_anchors(lmask, 5, 4, torch.Generator().manual_seed(3), lens)
+    a2, _ = objective.sample_anchors(lmask, 5, 4, torch.Generator().manual_seed(3), lens)
+    a3, _ = objective.sample_anchors(lmask, 5, 4, torch.Generator().manual_seed(4), lens)
+    assert torch.equal(a1, a2) and not torch.equal(a1, a3)
+
+
+def test_no_valid_anchor_gives_zero_weight():
+    ids = torch.zeros(1, 10, dtype=torch.long)
+    lmask = torch.zeros(1, 10, dtype=torch.bool)
+    anchors, keep = objective.sample_anchors(lmask, 4, 4, torch.Generator().manual_seed(0))
+    blocks = objective.build_blocks(ids, lmask, anchors, keep, 4, 1, 7.0)
+    assert not keep.any() and blocks.weights.sum() == 0

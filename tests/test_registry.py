@@ -1,0 +1,71 @@
+"""Stage keys: a change reruns exactly its subtree; equal inputs share a stage."""
+
+import copy
+
+from dflash.config import load_phase
+from dflash.registry import build, stage_key
+
+
+def _keys(phase):
+    reg = build({phase.name: phase})
+    plan = reg.plans[phase.name]["main"]
+    return {**plan.keys, **{f"bench/{d}": k for d, k in plan.bench.items()}}
+
+
+def _changed(a, b):
+    return sorted(k for k in a if a[k] != b[k])
+
+
+def test_key_is_stable_and_short():
+    k = stage_key("train", {"train": {"lr": 1e-4}}, {"tokenize": "abc"})
+    assert k == stage_key("train", {"train": {"lr": 0.0001}}, {"tokenize": "abc"})
+    assert len(k) == 12 and int(k, 16) >= 0
+    assert k != stage_key("train", {"train": {"lr": 2e-4}}, {"tokenize": "abc"})
+
+
+def test_train_change_reruns_train_convert_bench_only():
+    base = load_phase("smoke")
+    changed = copy.deepcopy(base)
+    changed.runs["main"]["train"]["lr"] = 1.0e-3
+    diff = _changed(_keys(base), _keys(changed))
+    assert diff == ["bench/synthetic_chat", "bench/synthetic_code", "bench/synthetic_math", "convert", "train"]
+
+
+def test_bench_change_reruns_bench_only():
+    base = load_phase("smoke")
+    changed = copy.deepcopy(base)
+    changed.runs["main"]["bench"]["max_new_tokens"] = 32
+    assert _changed(_keys(base), _keys(changed)) == ["bench/synthetic_chat", "bench/synthetic_code",
+                                                     "bench/synthetic_math"]
+
+
+def test_data_stages_shared_between_runs_and_phases():
+    base = load_phase("smoke")
+    other = copy.deepcopy(base)
+    other.name = "other"
+    other.runs = {"a": copy.deepcopy(base.runs["main"]), "b": copy.deepcopy(base.runs["main"])}
+    other.runs["b"]["train"]["gamma"] = 3.0
+    reg = build({"smoke": base, "other": other})
+    a, b, s = reg.plans["other"]["a"], reg.plans["other"]["b"], reg.plans["smoke"]["main"]
+    for stage in ("target", "prepare", "regenerate", "tokenize"):
+        assert a.keys[stage] == b.keys[stage] == s.keys[stage]
+    assert a.keys["train"] == s.keys["train"] != b.keys["train"]
+    assert sorted(reg.get("train", a.keys["train"]).users) == [("other", "a"), ("smoke", "main")]
+
+
+def test_original_responses_skip_regenerate():
+    base = load_phase("smoke")
+    orig = copy.deepcopy(base)
+    orig.runs["main"]["regenerate"]["enabled"] = False
+    plan = build({"x": orig}).plans["x"]["main"]
+    assert "regenerate" not in plan.keys
+    reg = build({"x": orig})
+    assert reg.get("tokenize", plan.keys["tokenize"]).upstream == {"prepare": plan.keys["prepare"],
+                                                                   "target": plan.keys["target"]}
+
+
+def test_resources_are_not_part_of_keys():
+    base = load_phase("smoke")
+    changed = copy.deepcopy(base)
+    changed.runs["main"]["resources"] = {"train": {"gpus": 8}}
+    assert _keys(base) == _keys(changed)

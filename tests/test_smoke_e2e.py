@@ -1,0 +1,88 @@
+"""The smoke phase end to end through Snakemake, then the planning guarantees on the finished run."""
+
+import csv
+import json
+import time
+
+import yaml
+
+from conftest import dflash, snakemake
+
+
+def planned_jobs(repo, target="smoke") -> dict[str, int]:
+    proc = snakemake(repo, "-n", target)
+    jobs, table = {}, False
+    for line in (proc.stdout + proc.stderr).splitlines():
+        parts = line.split()
+        if parts[:2] == ["job", "count"]:
+            table = True
+        elif table and len(parts) == 2 and parts[1].isdigit():
+            if parts[0] == "total":
+                break
+            jobs[parts[0]] = int(parts[1])
+    return jobs
+
+
+def test_smoke_outputs_and_signal(smoke_repo):
+    rep = smoke_repo / "results" / "reports" / "smoke"
+    for f in ["report.md", "tables/tau.csv", "tables/speedup.csv", "tables/training.csv", "figures/loss.png",
+              "figures/tau.png", "figures/acceptance.png", "provenance.json"]:
+        assert (rep / f).is_file(), f
+    rows = list(csv.DictReader(open(rep / "tables" / "tau.csv")))
+    per = {r["dataset"]: float(r["tau"]) for r in rows}
+    assert {"synthetic_math", "synthetic_code", "synthetic_chat", "overall"} <= set(per)
+    mean = sum(per[d] for d in ("synthetic_math", "synthetic_code", "synthetic_chat")) / 3
+    assert abs(per["overall"] - mean) < 1e-3
+    assert per["overall"] >= 2.0                                   # the drafter learned the target
+    speed = list(csv.DictReader(open(rep / "tables" / "speedup.csv")))
+    assert all(r["lossless"] == "True" for r in speed)
+    assert (smoke_repo / "results" / "phases" / "smoke" / "main" / "train").resolve().is_dir()
+
+
+def test_every_stage_has_provenance_and_chain(smoke_repo):
+    for d in (smoke_repo / "results").glob("*/*"):
+        if d.parent.name in ("logs", "phases", "checkpoints", "reports") or d.name.startswith("."):
+            continue
+        prov = json.loads((d / "provenance.json").read_text())
+        assert prov["key"] == d.name and prov["stage"] == d.parent.name
+        assert prov["git"]["commit"] and prov["packages"]["torch"] and prov["outputs"]
+        for rel, digest in prov["outputs"].items():
+            assert len(digest) == 64 and (d / rel).is_file()
+    proc = dflash(smoke_repo, "provenance", "results/reports/smoke/tables/tau.csv")
+    assert proc.returncode == 0
+    for stage in ("report", "bench", "convert", "train", "tokenize", "regenerate", "prepare", "target"):
+        assert f"{stage} " in proc.stdout
+
+
+def test_rerun_plans_nothing_quickly(smoke_repo):
+    t0 = time.time()
+    proc = snakemake(smoke_repo, "-n", "smoke")
+    assert time.time() - t0 < 3.0
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+    plan = json.loads(dflash(smoke_repo, "plan", "smoke", "--json").stdout)
+    assert all(r["exists"] for r in plan)
+
+
+def _edit(repo, section, key, value):
+    path = repo / "configs" / "phases" / "smoke.yaml"
+    original = path.read_text()
+    doc = yaml.safe_load(original)
+    doc["defaults"].setdefault(section, {})[key] = value
+    path.write_text(yaml.safe_dump(doc))
+    return path, original
+
+
+def test_train_change_plans_train_subtree_only(smoke_repo):
+    path, original = _edit(smoke_repo, "train", "gamma", 5.0)
+    try:
+        assert planned_jobs(smoke_repo) == {"train": 1, "convert": 1, "bench": 3, "report": 1, "smoke": 1}
+    finally:
+        path.write_text(original)
+
+
+def test_bench_change_plans_bench_and_report_only(smoke_repo):
+    path, original = _edit(smoke_repo, "bench", "max_new_tokens", 48)
+    try:
+        assert planned_jobs(smoke_repo) == {"bench": 3, "report": 1, "smoke": 1}
+    finally:
+        path.write_text(original)

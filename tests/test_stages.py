@@ -1,0 +1,47 @@
+"""Stage runner: missing inputs fail clearly, failures leave no partial output, outputs carry provenance."""
+
+import os
+
+import pytest
+
+from conftest import dflash
+from dflash import stages
+from dflash.config import load_phase
+from dflash.registry import build
+
+
+@pytest.fixture
+def in_repo(repo):
+    old = os.getcwd()
+    os.chdir(repo)
+    yield repo
+    os.chdir(old)
+
+
+def test_missing_input_is_named_and_nothing_written(in_repo):
+    key = build({"smoke": load_phase("smoke")}).plans["smoke"]["main"].keys["train"]
+    proc = dflash(in_repo, "stage", "train", key)
+    assert proc.returncode == 2
+    assert "input results/tokenize/" in proc.stderr and "is missing or incomplete" in proc.stderr
+    assert not (in_repo / "results" / "train" / key).exists()
+
+
+def test_failing_stage_leaves_no_partial_output(in_repo, monkeypatch):
+    reg = build({"smoke": load_phase("smoke")})
+    key = reg.plans["smoke"]["main"].keys["prepare"]
+
+    def boom(cfg, out, log=print):
+        (out / "conversations.jsonl").write_text("half")
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr("dflash.prepare.run", boom)
+    (in_repo / "results" / "prepare" / key).mkdir(parents=True)        # the placeholder Snakemake makes
+    with pytest.raises(RuntimeError):
+        stages.run(reg, "prepare", key)
+    assert not (in_repo / "results" / "prepare" / key).exists()
+    assert not list((in_repo / "results" / "prepare").glob(".tmp-*"))
+
+
+def test_unknown_key(in_repo):
+    proc = dflash(in_repo, "stage", "train", "0123456789ab")
+    assert proc.returncode == 2 and "no train stage with key 0123456789ab" in proc.stderr
