@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from dflash import provenance
@@ -68,9 +69,18 @@ def publish(tmp: Path, final: Path) -> None:
 
 
 def run(reg: Registry, stage: str, key: str) -> Path:
+    """Run a stage instance. Under a distributed launcher (RANK set), every rank runs the stage; only rank 0
+    writes and publishes the output directory."""
     inst = reg.get(stage, key)
     final = inst.dir
     upstream = upstream_dirs(inst)
+    if int(os.environ.get("RANK", "0")) != 0:
+        scratch = Path(tempfile.mkdtemp(prefix=f"dflash-{stage}-{key}-rank"))
+        try:
+            _call(inst, scratch, upstream)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".tmp-{key}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
