@@ -93,3 +93,22 @@ def test_no_valid_anchor_gives_zero_weight():
     anchors, keep = objective.sample_anchors(lmask, 4, 4, torch.Generator().manual_seed(0))
     blocks = objective.build_blocks(ids, lmask, anchors, keep, 4, 1, 7.0)
     assert not keep.any() and blocks.weights.sum() == 0
+
+
+def test_fused_lm_head_loss_matches_plain_loss_and_grads():
+    ids, lmask, lens = _batch(seed=5)
+    bs, n = 4, 6
+    anchors, keep = objective.sample_anchors(lmask, n, bs, torch.Generator().manual_seed(0), lens)
+    blocks = objective.build_blocks(ids, lmask, anchors, keep, bs, 99, 7.0)
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(100, 16, generator=g)
+    h1 = torch.randn(2, n * bs, 16, generator=g, requires_grad=True)
+    h2 = h1.detach().clone().requires_grad_(True)
+    plain = objective.block_loss(h1 @ weight.T, blocks, bs)
+    fused = objective.fused_block_loss(h2, weight, blocks, bs, chunk=7)
+    plain["loss"].backward()
+    fused["loss"].backward()
+    assert torch.allclose(plain["loss"], fused["loss"], atol=1e-5)
+    assert torch.allclose(h1.grad, h2.grad, atol=1e-5)
+    for k in ("correct", "counted", "per_k_correct", "per_k_counted"):
+        assert torch.equal(plain[k], fused[k])

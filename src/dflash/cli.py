@@ -74,6 +74,22 @@ def cmd_provenance(args) -> int:
     return 0
 
 
+def cmd_launch(args) -> int:
+    from dflash import launch
+    from dflash.registry import load_registry
+
+    launch.run(load_registry(), args.stage, args.key)    # replaces this process
+    return 0
+
+
+def cmd_install_profiles(args) -> int:
+    from dflash import launch
+
+    for line in launch.install_profiles(args.dest):
+        print(line)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dflash", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -92,10 +108,19 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("path")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_provenance)
+    s = sub.add_parser("launch", help="run a stage instance with the launcher its resources ask for "
+                       "(torchrun, srun + torchrun, or a Ray cluster; called by the train rule)")
+    s.add_argument("stage")
+    s.add_argument("key")
+    s.set_defaults(fn=cmd_launch)
+    s = sub.add_parser("install-profiles", help="link workflow/profiles/* into Snakemake's profile directory, so "
+                       "that `snakemake --profile slurm` finds this checkout's profile")
+    s.add_argument("--dest", default=None, help="default: ~/.config/snakemake (Snakemake's user profile directory)")
+    s.set_defaults(fn=cmd_install_profiles)
     args = p.parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, FileNotFoundError, KeyError) as e:
+    except (ConfigError, FileNotFoundError, FileExistsError, KeyError) as e:
         print(f"dflash: error: {e}", file=sys.stderr)
         return 2
 

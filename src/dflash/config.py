@@ -173,6 +173,7 @@ def load_phase(name: str, phases_dir: Path = PHASES_DIR) -> Phase:
         validate(full, run_schema, f"{src}: runs.{run_name}")
         _check_run(full, f"{src}: runs.{run_name}")
         runs[run_name] = full
+    _check_references(doc, src)
     return Phase(name=name, file=src, description=doc.get("description", ""), runs=runs,
                  datasets=[fill_defaults(d, schema["$defs"]["dataset"], schema) for d in doc["datasets"]],
                  references=list(doc.get("references", [])), external=dict(doc.get("external", {})), chain=chain)
@@ -194,6 +195,20 @@ def _check_run(run: dict, where: str) -> None:
             raise ConfigError(f"{where}.data.sources.{i}.path: required when kind is 'jsonl'")
         if src["kind"] == "hub" and "hub_id" not in src:
             raise ConfigError(f"{where}.data.sources.{i}.hub_id: required when kind is 'hub'")
+
+
+def _check_references(doc: dict, where: str) -> None:
+    """Every `references` entry and `external` run must name rows of the references table."""
+    from dflash import references
+
+    for i, entry in enumerate(doc.get("references", [])):
+        problem = references.check(entry)
+        if problem:
+            raise ConfigError(f"{where}: references.{i}: {problem}")
+    for name, ext in doc.get("external", {}).items():
+        problem = references.check(ext, external=True)
+        if problem:
+            raise ConfigError(f"{where}: external.{name}: {problem}")
 
 
 def phase_names(phases_dir: Path = PHASES_DIR) -> list[str]:

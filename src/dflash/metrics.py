@@ -4,6 +4,8 @@ tau_macro: mean over requests of each request's mean accepted length (z-lab). ta
 total verification steps (SpecForge). Both include the bonus token; `tau_no_bonus` = tau_macro - 1.
 Speedups: decode-only = mean baseline time per token / mean DFlash time per token (prefill excluded, z-lab);
 end-to-end adds prefill to both.
+SGLang records have no per-step data: they count with the server's mean (`spec_accept_length`, which also counts the
+prefill token) over `spec_verify_ct` steps, and add nothing to the histogram or the per-position rates.
 """
 
 from __future__ import annotations
@@ -15,23 +17,37 @@ def _per_token(decode_s: float, n_tokens: int) -> float:
     return decode_s / max(1, n_tokens - 1)      # the first token comes from prefill
 
 
+def _server_steps(r: dict) -> int:
+    """Verification steps of a record that has only a mean accepted length (SGLang)."""
+    if r.get("spec_verify_ct"):
+        return int(r["spec_verify_ct"])
+    return max(1, round(r["n_tokens"] / r["spec_accept_length"]))
+
+
 def summarize(records: list[dict], block_size: int) -> dict:
     if not records:
         raise ValueError("no benchmark records")
     steps = [r["accept_lengths"] for r in records if r["accept_lengths"]]
-    tau_macro = statistics.fmean(statistics.fmean(s) for s in steps) if steps else 1.0
-    total_steps = sum(len(s) for s in steps)
-    tau_token = sum(sum(s) for s in steps) / total_steps if total_steps else 1.0
+    # SGLang records carry only the server's per-request mean (`spec_accept_length`, over `spec_verify_ct` steps)
+    served = [r for r in records if not r["accept_lengths"] and r.get("spec_accept_length")]
+    means = [statistics.fmean(s) for s in steps] + [r["spec_accept_length"] for r in served]
+    tau_macro = statistics.fmean(means) if means else 1.0
+    step_count = sum(len(s) for s in steps)
+    total_steps = step_count + sum(_server_steps(r) for r in served)
+    accepted = sum(sum(s) for s in steps) + sum(r["n_tokens"] for r in served)
+    tau_token = accepted / total_steps if total_steps else 1.0
     hist = [0] * (block_size + 1)
     for s in steps:
         for a in s:
             hist[min(a, block_size)] += 1
     # acceptance rate of draft position k (1..B-1): share of steps that accepted at least k drafted tokens
-    per_pos = [sum(1 for s in steps for a in s if a - 1 >= k) / total_steps if total_steps else 0.0
+    per_pos = [sum(1 for s in steps for a in s if a - 1 >= k) / step_count if step_count else 0.0
                for k in range(1, block_size)]
     out = {"n_requests": len(records), "n_steps": total_steps, "tau_macro": tau_macro, "tau_token": tau_token,
            "tau_no_bonus": tau_macro - 1, "histogram": hist, "acceptance_per_position": per_pos,
            "tokens": sum(r["n_tokens"] for r in records)}
+    if served:   # histogram and per-position rates then cover the per-step records only (none for SGLang)
+        out["tau_source"] = "server-mean" if not steps else "mixed"
     base = [r for r in records if r.get("baseline")]
     if base and len(base) == len(records):
         d_tpot = statistics.fmean(_per_token(r["decode_s"], r["n_tokens"]) for r in records)

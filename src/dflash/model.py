@@ -85,8 +85,9 @@ class DrafterConfig:
         t = target_config
         n_feat = drafter_cfg.get("num_target_layers") or drafter_cfg["num_layers"]
         ids = drafter_cfg.get("target_layer_ids") or build_target_layer_ids(t.num_hidden_layers, n_feat)
-        if max(ids) >= t.num_hidden_layers:
-            raise ValueError(f"drafter.target_layer_ids: {ids} out of range for a {t.num_hidden_layers}-layer target")
+        if max(ids) >= t.num_hidden_layers or len(set(ids)) != len(ids):
+            raise ValueError(f"drafter.target_layer_ids: {ids} must be distinct layers of the "
+                             f"{t.num_hidden_layers}-layer target")
         rope = getattr(t, "rope_theta", None) or (getattr(t, "rope_parameters", None) or {}).get("rope_theta", 1e6)
         return cls(hidden_size=t.hidden_size,
                    intermediate_size=drafter_cfg.get("intermediate_size") or t.intermediate_size,
@@ -248,10 +249,33 @@ class DFlashDrafter(nn.Module):
         return model.to(device=device, dtype=dtype).eval()
 
 
+class _Enough(Exception):
+    """Raised by a hook once the deepest needed layer has run: later layers and the LM head are skipped."""
+
+
 def target_features(target, input_ids, layer_ids: list[int], attention_mask=None) -> torch.Tensor:
-    """Concatenated hidden states of the target's layers `layer_ids` (HF `hidden_states[i + 1]`), no LM head."""
-    out = target.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-    return torch.cat([out.hidden_states[i + 1] for i in layer_ids], dim=-1)
+    """Concatenated outputs of the target's decoder layers `layer_ids` (= HF `hidden_states[i + 1]`).
+
+    Only layers up to max(layer_ids) run; no full-vocab logits are computed."""
+    layers, captured, last = target.model.layers, {}, max(layer_ids)
+
+    def hook(i):
+        def capture(module, args, output):
+            captured[i] = output[0] if isinstance(output, tuple) else output
+            if i == last:
+                raise _Enough
+
+        return capture
+
+    handles = [layers[i].register_forward_hook(hook(i)) for i in set(layer_ids)]
+    try:
+        target.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _Enough:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.cat([captured[i] for i in layer_ids], dim=-1)
 
 
 def config_dict(c: DrafterConfig) -> dict:

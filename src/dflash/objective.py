@@ -97,3 +97,50 @@ def block_loss(logits: torch.Tensor, blocks: Blocks, block_size: int) -> dict:
     per_k_c = torch.zeros(block_size, device=w.device).index_add_(0, blocks.k, correct.sum(0).float())
     return {"loss": loss, "weight_sum": wsum.detach(), "correct": correct.sum().detach(),
             "counted": counted.sum().detach(), "per_k_correct": per_k_c.detach(), "per_k_counted": per_k_n.detach()}
+
+
+class _FusedLinearCE(torch.autograd.Function):
+    """sum_i coef_i * CE(h_i @ W^T, y_i) for a frozen W, one chunk of logits at a time.
+
+    The gradient w.r.t. h is computed in the forward pass (W is frozen, coef is known), so the full (N, V) logits
+    are never stored: memory is one chunk of logits. Also returns, per row, whether argmax == label.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, labels, coef, chunk):
+        grad = torch.empty_like(h)
+        loss = torch.zeros((), device=h.device, dtype=torch.float32)
+        correct = torch.empty(h.shape[0], dtype=torch.bool, device=h.device)
+        for a in range(0, h.shape[0], chunk):
+            logits = (h[a:a + chunk] @ weight.T).float()
+            lse = torch.logsumexp(logits, -1)
+            y = labels[a:a + chunk]
+            c = coef[a:a + chunk].float()
+            loss += ((lse - logits.gather(1, y[:, None]).squeeze(1)) * c).sum()
+            correct[a:a + chunk] = logits.argmax(-1) == y
+            probs = torch.softmax(logits, -1)
+            probs.scatter_add_(1, y[:, None], -torch.ones_like(probs[:, :1]))
+            grad[a:a + chunk] = ((probs * c[:, None]).to(weight.dtype) @ weight).to(h.dtype)
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(correct)
+        return loss, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_correct):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss.to(grad.dtype), None, None, None, None
+
+
+def fused_block_loss(hidden: torch.Tensor, lm_weight: torch.Tensor, blocks: Blocks, block_size: int,
+                     chunk: int = 4096) -> dict:
+    """block_loss with the frozen LM head fused into the loss (no full-vocab logits kept); same outputs."""
+    w = blocks.weights
+    wsum = w.sum()
+    coef = (w / wsum.clamp(min=1e-9)).flatten()
+    loss, correct = _FusedLinearCE.apply(hidden.flatten(0, 1), lm_weight, blocks.labels.flatten(), coef, chunk)
+    counted = w > 0
+    correct = correct.view_as(w) & counted
+    per_k_n = torch.zeros(block_size, device=w.device).index_add_(0, blocks.k, counted.sum(0).float())
+    per_k_c = torch.zeros(block_size, device=w.device).index_add_(0, blocks.k, correct.sum(0).float())
+    return {"loss": loss, "weight_sum": wsum.detach(), "correct": correct.sum().detach(),
+            "counted": counted.sum().detach(), "per_k_correct": per_k_c.detach(), "per_k_counted": per_k_n.detach()}

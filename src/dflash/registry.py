@@ -37,6 +37,7 @@ class StageInstance:
     config: dict                      # exactly the config fields this stage reads
     upstream: dict[str, str]          # upstream stage name -> key
     resources: dict                   # scheduler request (not part of the key)
+    logging: dict = field(default_factory=dict)                 # observability settings (not part of the key)
     users: list[tuple[str, str]] = field(default_factory=list)   # (phase, run) pairs that use it
 
     @property
@@ -78,9 +79,10 @@ def plan_run(phase: Phase, run_name: str, run: dict) -> tuple[RunPlan, list[Stag
     res = run["resources"]
     out: list[StageInstance] = []
 
-    def add(stage: str, config: dict, upstream: dict[str, str], resources_key: str | None = None) -> str:
+    def add(stage: str, config: dict, upstream: dict[str, str]) -> str:
         key = stage_key(stage, config, upstream)
-        out.append(StageInstance(stage, key, config, upstream, res.get(resources_key or stage, {})))
+        out.append(StageInstance(stage, key, config, upstream, res.get(stage, {}),
+                                 {**run["logging"], "phase": phase.name, "run": run_name}))
         return key
 
     keys = {"target": add("target", {"target": run["target"]}, {})}

@@ -37,7 +37,7 @@ def _call(inst: StageInstance, tmp: Path, upstream: dict[str, Path]) -> dict:
         return tokenization.run(inst.config, tmp, upstream, _log)
     if inst.stage == "train":
         from dflash import train
-        return train.run(inst.config, tmp, upstream, work, _log)
+        return train.run(inst.config, tmp.resolve(), upstream, work.resolve(), _log, inst.logging)
     if inst.stage == "convert":
         from dflash import convert
         return convert.run(inst.config, tmp, upstream, _log)
