@@ -297,8 +297,9 @@ def http_get(url: str, timeout: float = 5.0) -> int:
 
 def wait_healthy(base_url: str, proc: subprocess.Popen, log_path: Path, timeout_s: float, path: str = HEALTH_PATH,
                  poll_s: float = 2.0) -> float:
-    """Poll `base_url + path` until it answers 200; seconds waited. Fails at once when `proc` exits."""
-    t0 = time.monotonic()
+    """Poll `base_url + path` until it answers 200; seconds waited. Fails at once when `proc` exits.
+    The interval grows from 0.1 s to `poll_s`."""
+    t0, interval = time.monotonic(), min(0.1, poll_s)
     while True:
         rc = proc.poll()
         if rc is not None:
@@ -310,7 +311,8 @@ def wait_healthy(base_url: str, proc: subprocess.Popen, log_path: Path, timeout_
         if time.monotonic() - t0 > timeout_s:
             raise ServerError(f"SGLang server not healthy after {timeout_s:.0f} s ({base_url}{path}); "
                               f"last lines of {log_path}:\n{log_tail(log_path)}")
-        time.sleep(poll_s)
+        time.sleep(interval)
+        interval = min(poll_s, interval * 1.5)
 
 
 class SGLangServer:

@@ -1,0 +1,345 @@
+"""The SGLang engine on CPU: command lines, ports, health waits, /generate parsing, process-group cleanup, and the
+whole bench stage against fake servers (sglang itself needs CUDA and is not installed here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dflash import bench, metrics, sglang_engine
+from dflash.sglang_engine import ServerError, ServerSpec, SGLangServer
+
+# A stand-in for `python -m sglang.launch_server`: the same HTTP surface (/health_generate, /generate streamed or
+# not, /flush_cache), deterministic answers (a function of the prompt text), and switches for the failure paths.
+FAKE_SERVER = r'''
+import argparse, hashlib, json, math, os, signal, sys, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+p = argparse.ArgumentParser()
+p.add_argument("--port", type=int, required=True)
+p.add_argument("--host", default="127.0.0.1")
+p.add_argument("--spec", action="store_true")
+p.add_argument("--die", action="store_true")
+p.add_argument("--never-healthy", action="store_true")
+p.add_argument("--delay", type=float, default=0.0)
+p.add_argument("--child-file")
+p.add_argument("--ignore-term", action="store_true")
+a = p.parse_args()
+print("fake sglang starting", os.environ.get("CUDA_VISIBLE_DEVICES"), flush=True)
+if a.die:
+    print("boom: CUDA out of memory", flush=True)
+    sys.exit(3)
+if a.child_file:
+    pid = os.fork()
+    if pid == 0:                       # a "TP worker" that ignores SIGTERM
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        while True:
+            time.sleep(1)
+    with open(a.child_file + ".tmp", "w") as f:
+        f.write(str(pid))
+    os.replace(a.child_file + ".tmp", a.child_file)
+if a.ignore_term:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+start = time.time()
+
+
+def answer(text, max_new):
+    h = hashlib.sha256(text.encode()).digest()
+    n = min(max_new, 3 + h[0] % 6)
+    ids = [10 + b % 50 for b in h[1:1 + n]]
+    return ids
+
+
+class H(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def send(self, code, obj=None):
+        body = json.dumps(obj if obj is not None else {}).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        if self.path in ("/health", "/health_generate"):
+            ok = not a.never_healthy and time.time() - start >= a.delay
+            return self.send(200 if ok else 503)
+        self.send(404)
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if self.path == "/flush_cache":
+            return self.send(200)
+        if self.path != "/generate":
+            return self.send(404)
+        req = json.loads(body)
+        sp = req["sampling_params"]
+        ids = answer(req["text"], sp["max_new_tokens"])
+        words = ["w%d" % i for i in ids]
+        meta = {"prompt_tokens": len(req["text"].split()), "finish_reason": {"type": "length"}}
+        if a.spec:
+            verify = math.ceil(len(ids) / 3)
+            meta.update({"spec_accept_length": len(ids) / verify, "spec_verify_ct": verify})
+        if not req.get("stream"):
+            meta.update({"completion_tokens": len(ids), "e2e_latency": 0.01})
+            return self.send(200, {"text": " ".join(words), "output_ids": ids, "meta_info": meta})
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        for k in range(0, len(ids), 2):            # increments of two tokens; text cumulative (SGLang default)
+            m = dict(meta, completion_tokens=min(k + 2, len(ids)), e2e_latency=0.01)
+            chunk = {"text": " ".join(words[:k + 2]), "output_ids": ids[k:k + 2], "meta_info": m}
+            self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            self.wfile.flush()
+            time.sleep(0.002)
+        self.wfile.write(b"data: [DONE]\n\n")
+
+
+ThreadingHTTPServer((a.host, a.port), H).serve_forever()
+'''
+
+TINY_TARGET = {"kind": "synthetic", "synthetic": {
+    "vocab_size": 300, "hidden_size": 16, "intermediate_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1,
+    "corpus_size": 40, "steps": 1, "batch_size": 2, "seq_len": 32, "lr": 1e-3, "seed": 0}}
+
+
+def write_fake_server(directory: Path) -> Path:
+    path = Path(directory) / "fake_sglang_server.py"
+    path.write_text(FAKE_SERVER)
+    return path
+
+
+def fake_server_command(script: Path, *flags: str):
+    """A replacement for sglang_engine.server_command that starts the fake server (DFlash specs get --spec)."""
+    def command(spec: ServerSpec) -> list[str]:
+        spec_flag = ["--spec"] if spec.draft_model_path else []
+        return [sys.executable, str(script), "--port", str(spec.port), "--host", spec.host, *spec_flag, *flags]
+    return command
+
+
+def build_tiny_target(directory: Path) -> Path:
+    from dflash.target import build_synthetic
+
+    directory.mkdir(parents=True, exist_ok=True)
+    build_synthetic(TINY_TARGET, directory, log=lambda *_: None)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory) -> Path:
+    return write_fake_server(tmp_path_factory.mktemp("fake"))
+
+
+def _server(fake: Path, tmp_path: Path, *flags: str, **kw) -> SGLangServer:
+    cmd = [sys.executable, str(fake), "--port", sglang_engine.PORT_PLACEHOLDER, *flags]
+    kw.setdefault("poll_s", 0.05)
+    return SGLangServer(cmd, tmp_path / "server.log", **kw)
+
+
+def test_server_commands_are_pinned():
+    base = ServerSpec(model_path="/m/target", port=31000, tp_size=2, dtype="bfloat16", seed=7,
+                      mem_fraction_static=0.8, attention_backend="fa3", python="python")
+    assert sglang_engine.server_command(base) == [
+        "python", "-m", "sglang.launch_server", "--model-path", "/m/target", "--host", "127.0.0.1", "--port", "31000",
+        "--tp-size", "2", "--dtype", "bfloat16", "--random-seed", "7", "--mem-fraction-static", "0.8",
+        "--attention-backend", "fa3"]
+    spec = ServerSpec(model_path="/m/target", draft_model_path="/m/draft", block_size=16, python="python",
+                      extra_args=["--max-running-requests", "8"])
+    assert sglang_engine.server_command(spec) == [
+        "python", "-m", "sglang.launch_server", "--model-path", "/m/target", "--host", "127.0.0.1", "--port", "{port}",
+        "--tp-size", "1", "--dtype", "auto", "--random-seed", "0",
+        "--speculative-algorithm", "DFLASH", "--speculative-draft-model-path", "/m/draft",
+        "--speculative-num-draft-tokens", "16", "--max-running-requests", "8"]
+    assert sglang_engine.with_port(sglang_engine.server_command(spec), 4242)[8] == "4242"
+
+
+def test_free_ports_are_bindable_and_distinct():
+    import socket
+
+    ports = [sglang_engine.free_port() for _ in range(5)]
+    assert len(set(ports)) == 5
+    for port in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+
+
+def test_options_fill_defaults_and_reject_unknown_keys():
+    opt = sglang_engine.options({"concurrency": 4, "sglang": {"tp_size": 2}})
+    assert opt["concurrency"] == 4 and opt["tp_size"] == 2 and opt["stream"] is True
+    with pytest.raises(ValueError, match="tp_sizes"):
+        sglang_engine.options({"sglang": {"tp_sizes": 2}})
+
+
+def test_missing_sglang_is_a_clear_error(tmp_path):
+    assert sglang_engine.unavailable_reason() is not None          # sglang needs CUDA: never installed here
+    with pytest.raises(sglang_engine.SGLangUnavailable, match=r"dflash\[sglang\]"):
+        sglang_engine.require_sglang()
+    cfg = {"bench": {"engine": "sglang"}, "dataset": {"name": "synthetic_math", "n": 2}}
+    with pytest.raises(sglang_engine.SGLangUnavailable, match="engine 'sglang'"):
+        bench.run(cfg, tmp_path, {})
+
+
+def test_old_sglang_is_refused(monkeypatch):
+    monkeypatch.setattr(sglang_engine.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(sglang_engine, "sglang_version", lambda: "0.5.10.post1")
+    assert "0.5.11" in sglang_engine.unavailable_reason(need_gpu=False)
+
+
+def test_health_wait_then_stop(fake, tmp_path):
+    srv = _server(fake, tmp_path, "--delay", "0.5")
+    with srv:
+        assert srv.startup_s >= 0.4
+        assert sglang_engine.http_get(srv.url + "/health_generate") == 200
+        pid = srv.proc.pid
+    assert not sglang_engine.pid_alive(pid)
+    assert srv.proc.returncode is not None
+    assert "fake sglang starting" in (tmp_path / "server.log").read_text()
+
+
+def test_server_that_dies_fails_fast_with_log_tail(fake, tmp_path):
+    t0 = time.monotonic()
+    with pytest.raises(ServerError, match="exited with code 3") as err, _server(fake, tmp_path, "--die"):
+        pass
+    assert "boom: CUDA out of memory" in str(err.value)
+    assert time.monotonic() - t0 < 10
+
+
+def test_server_never_healthy_times_out_and_is_stopped(fake, tmp_path):
+    srv = _server(fake, tmp_path, "--never-healthy", startup_timeout_s=1.0, stop_grace_s=2)
+    with pytest.raises(ServerError, match="not healthy after"), srv:
+        pass
+    assert not sglang_engine.pid_alive(srv.proc.pid)
+
+
+def test_whole_process_group_is_killed(fake, tmp_path):
+    child_file = tmp_path / "child.pid"
+    srv = _server(fake, tmp_path, "--child-file", str(child_file), "--ignore-term", stop_grace_s=1.0)
+    with srv:
+        leader = srv.proc.pid
+        child = int(child_file.read_text())
+        assert sglang_engine.pid_alive(child) and os.getpgid(child) == leader
+    assert not sglang_engine.pid_alive(leader)
+    deadline = time.monotonic() + 5
+    while sglang_engine.pid_alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not sglang_engine.pid_alive(child)
+    assert sglang_engine.group_members(leader) == []
+
+
+def test_stop_runs_when_the_body_raises(fake, tmp_path):
+    srv = _server(fake, tmp_path)
+    with pytest.raises(KeyError), srv:
+        raise KeyError("x")
+    assert not sglang_engine.pid_alive(srv.proc.pid)
+
+
+def test_generate_against_fake_server(fake, tmp_path):
+    sampling = sglang_engine.sampling_params(0.0, 64)
+    assert sampling == {"temperature": 0.0, "top_k": 1, "top_p": 1.0, "max_new_tokens": 64}
+    with _server(fake, tmp_path, "--spec") as srv:
+        plain = sglang_engine.generate(srv.url, "hello there", sampling, stream=False)
+        streamed = sglang_engine.generate(srv.url, "hello there", sampling, stream=True)
+        many, wall = sglang_engine.generate_many(srv.url, ["a", "b", "c", "hello there"], sampling, concurrency=3)
+        sglang_engine.flush_cache(srv.url)
+    assert plain.output_ids == streamed.output_ids == many[3].output_ids
+    assert plain.completion_tokens == len(plain.output_ids) == streamed.completion_tokens
+    assert plain.text == streamed.text == " ".join(f"w{i}" for i in plain.output_ids)
+    assert plain.ttft_s is None and 0 < streamed.ttft_s <= streamed.e2e_s
+    assert plain.spec_verify_ct == -(-plain.completion_tokens // 3)
+    assert plain.spec_accept_length == pytest.approx(plain.completion_tokens / plain.spec_verify_ct)
+    assert plain.prompt_tokens == 2 and plain.finish_reason == "length" and plain.server_e2e_s == 0.01
+    assert wall > 0 and [c.completion_tokens > 0 for c in many] == [True] * 4
+
+
+def test_read_stream_handles_incremental_and_cumulative_ids():
+    def sse(chunks):
+        return [f"data: {json.dumps(c)}\n".encode() for c in chunks] + [b"\n", b"data: [DONE]\n"]
+
+    meta = lambda n: {"completion_tokens": n, "spec_accept_length": 2.0, "spec_verify_ct": 2}    # noqa: E731
+    inc = sse([{"text": "a", "output_ids": [1], "meta_info": meta(1)},
+               {"text": "a b c", "output_ids": [2, 3], "meta_info": meta(3)},
+               {"text": "a b c d", "output_ids": [4], "meta_info": meta(4)}])
+    cum = sse([{"text": "a", "output_ids": [1], "meta_info": meta(1)},
+               {"text": "a b c", "output_ids": [1, 2, 3], "meta_info": meta(3)},
+               {"text": "a b c d", "output_ids": [1, 2, 3, 4], "meta_info": meta(4)}])
+    for lines in (inc, cum):
+        c = sglang_engine.read_stream(lines, time.perf_counter())
+        assert c.output_ids == [1, 2, 3, 4] and c.completion_tokens == 4 and c.text == "a b c d"
+        assert c.spec_accept_length == 2.0 and c.ttft_s is not None
+    with pytest.raises(ServerError, match="without any data"):
+        sglang_engine.read_stream([b"data: [DONE]\n"], time.perf_counter())
+
+
+def test_error_answers_raise():
+    with pytest.raises(ServerError, match="bad request"):
+        sglang_engine.parse_response({"error": {"message": "bad request"}}, 0.1)
+    with pytest.raises(ServerError, match="aborted"):
+        sglang_engine.parse_response({"text": "", "meta_info": {"finish_reason": {"type": "abort"}}}, 0.1)
+
+
+def test_metrics_use_server_means_and_keep_hf_behaviour():
+    hf = [{"n_tokens": 7, "accept_lengths": [3, 2, 1, 1], "prefill_s": 0.1, "decode_s": 0.6}]
+    before = metrics.summarize(hf, 4)
+    assert before["tau_macro"] == pytest.approx(1.75) and before["n_steps"] == 4 and "tau_source" not in before
+    served = [{"n_tokens": 12, "accept_lengths": [], "spec_accept_length": 3.0, "spec_verify_ct": 4},
+              {"n_tokens": 10, "accept_lengths": [], "spec_accept_length": 2.5, "spec_verify_ct": None},
+              {"n_tokens": 1, "accept_lengths": [], "spec_accept_length": 0, "spec_verify_ct": 0}]
+    s = metrics.summarize(served, 4)
+    assert s["tau_macro"] == pytest.approx(2.75) and s["n_steps"] == 8
+    assert s["tau_token"] == pytest.approx(22 / 8) and s["tau_source"] == "server-mean"
+    assert s["histogram"] == [0] * 5 and s["n_requests"] == 3
+
+
+def test_run_bench_with_fake_servers(fake, tmp_path, monkeypatch):
+    target = build_tiny_target(tmp_path / "target")
+    draft = tmp_path / "convert"
+    draft.mkdir()
+    (draft / "config.json").write_text(json.dumps({"block_size": 8}))
+    seen = []
+
+    def command(spec):
+        seen.append(spec)
+        return fake_server_command(fake)(spec)
+
+    monkeypatch.setattr(sglang_engine, "require_sglang", lambda need_gpu=True: None)
+    monkeypatch.setattr(sglang_engine, "server_command", command)
+    cfg = {"bench": {"engine": "sglang", "max_new_tokens": 16, "temperature": 0.0, "block_size": None,
+                     "system_prompt": None, "enable_thinking": False, "baseline": True, "device": "auto",
+                     "dtype": "bfloat16", "seed": 0, "sglang": {"concurrency": 2}},
+           "dataset": {"name": "synthetic_math", "n": 3, "seed": 0}}
+    out = tmp_path / "out"
+    out.mkdir()
+    result = bench.run(cfg, out, {"target": target, "convert": draft}, log=lambda *_: None)
+
+    assert [s.draft_model_path for s in seen] == [str(draft.resolve()), None]
+    assert seen[0].block_size == 8 and seen[0].dtype == "bfloat16"
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert len(records) == 3 and {r["prompt_id"] for r in records} == {"math/0", "math/1", "math/2"}
+    for r in records:
+        assert r["accept_lengths"] == [] and r["spec_accept_length"] >= 1 and r["spec_verify_ct"] >= 1
+        assert r["n_tokens"] == r["baseline"]["n_tokens"] and r["lossless"] is True
+        assert r["prompt_tokens"] > 0 and r["decode_s"] >= 0 and r["prefill_s"] > 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["backend"] == "sglang" and summary["concurrency"] == 2 and summary["block_size"] == 8
+    assert summary["tau_macro"] == pytest.approx(sum(r["spec_accept_length"] for r in records) / 3)
+    assert summary["lossless"] is True and summary["speedup_throughput"] > 0
+    assert set(summary["server_commands"]) == {"dflash", "baseline"}
+    assert result["summary"]["backend"] == "sglang" and "prompt_ids" not in result["summary"]
+    for name in ("dflash", "baseline"):
+        log = (out / f"sglang-{name}.log").read_text()
+        assert "fake sglang starting" in log and log.startswith("$ ")
+
+
+def test_sigterm_becomes_exit_in_main_thread():
+    with pytest.raises(SystemExit), sglang_engine.sigterm_as_exit():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)
+    assert signal.getsignal(signal.SIGTERM) is not None
