@@ -106,9 +106,6 @@ class H(BaseHTTPRequestHandler):
 ThreadingHTTPServer((a.host, a.port), H).serve_forever()
 '''
 
-TINY_TARGET = {"kind": "synthetic", "synthetic": {
-    "vocab_size": 300, "hidden_size": 16, "intermediate_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1,
-    "corpus_size": 40, "steps": 1, "batch_size": 2, "seq_len": 32, "lr": 1e-3, "seed": 0}}
 
 
 def write_fake_server(directory: Path) -> Path:
@@ -126,10 +123,25 @@ def fake_server_command(script: Path, *flags: str):
 
 
 def build_tiny_target(directory: Path) -> Path:
-    from dflash.target import build_synthetic
+    """A target stage directory with a random 2-layer Qwen3 and a small trained tokenizer (ChatML template)."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
 
+    from dflash.target import TARGET_JSON, train_tokenizer
+
+    texts = [f"what is {i} plus {i * 7 % 13}? the answer is {i + i * 7 % 13}." for i in range(60)]
+    tokenizer = train_tokenizer(texts, 300)
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=512,
+                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
     directory.mkdir(parents=True, exist_ok=True)
-    build_synthetic(TINY_TARGET, directory, log=lambda *_: None)
+    model.save_pretrained(directory / "model")
+    tokenizer.save_pretrained(directory / "model")
+    (directory / TARGET_JSON).write_text(json.dumps({"source": "dir", "model_path": "model"}))
     return directory
 
 
