@@ -85,9 +85,13 @@ def gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def sglang_installed() -> bool:
+    return importlib.util.find_spec("sglang") is not None
+
+
 def unavailable_reason(need_gpu: bool = True) -> str | None:
     """Why the SGLang engine cannot run here, or None when it can."""
-    if importlib.util.find_spec("sglang") is None:
+    if not sglang_installed():
         return ("the sglang package is not installed: it is the optional `sglang` extra "
                 "(pip install 'dflash[sglang]'), which needs a CUDA machine")
     version = sglang_version()
