@@ -19,6 +19,18 @@ rule report:
             caption="../workflow/report/training.rst",
             category="Tables",
         ),
+        deltas=report(
+            "results/reports/{phase}/tables/deltas.csv",
+            caption="../workflow/report/deltas.rst",
+            category="Tables",
+            subcategory="References",
+        ),
+        references=report(
+            "results/reports/{phase}/tables/references.csv",
+            caption="../workflow/report/references.rst",
+            category="Tables",
+            subcategory="References",
+        ),
         loss=report(
             "results/reports/{phase}/figures/loss.png", caption="../workflow/report/loss.rst", category="Figures"
         ),
@@ -28,6 +40,11 @@ rule report:
         acceptance=report(
             "results/reports/{phase}/figures/acceptance.png",
             caption="../workflow/report/acceptance.rst",
+            category="Figures",
+        ),
+        tau_references=report(
+            "results/reports/{phase}/figures/tau_references.png",
+            caption="../workflow/report/tau_references.rst",
             category="Figures",
         ),
         provenance="results/reports/{phase}/provenance.json",

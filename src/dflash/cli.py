@@ -90,6 +90,32 @@ def cmd_install_profiles(args) -> int:
     return 0
 
 
+def cmd_audit(args) -> int:
+    from dflash import audit
+    from dflash.registry import load_registry
+
+    result = audit.audit(load_registry(only=[args.phase]), args.phase)
+    print(result.summary())
+    return 0 if result.ok else 1
+
+
+def cmd_gc(args) -> int:
+    from dflash import audit
+    from dflash.registry import load_registry
+
+    paths = audit.unreferenced(load_registry())
+    total = 0
+    for p in paths:
+        n = audit.size(p)
+        total += n
+        print(f"{'removed' if args.delete else 'unreferenced'}  {n / 2**20:10.1f} MiB  {p}")
+        if args.delete:
+            audit.remove(p)
+    verb = "removed" if args.delete else "can be removed (dflash gc --delete)"
+    print(f"{len(paths)} paths, {total / 2**20:.1f} MiB {verb}" if paths else "nothing unreferenced")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dflash", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -117,6 +143,12 @@ def main(argv: list[str] | None = None) -> int:
                        "that `snakemake --profile slurm` finds this checkout's profile")
     s.add_argument("--dest", default=None, help="default: ~/.config/snakemake (Snakemake's user profile directory)")
     s.set_defaults(fn=cmd_install_profiles)
+    s = sub.add_parser("audit", help="verify a phase's report down to the raw records (checksums, keys, every cell)")
+    s.add_argument("phase")
+    s.set_defaults(fn=cmd_audit)
+    s = sub.add_parser("gc", help="list result directories that no phase references (--delete removes them)")
+    s.add_argument("--delete", action="store_true", help="remove them")
+    s.set_defaults(fn=cmd_gc)
     args = p.parse_args(argv)
     try:
         return args.fn(args)

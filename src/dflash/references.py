@@ -24,22 +24,26 @@ METRICS = ("tau", "speedup_decode_only", "speedup_e2e")
 SOURCES: dict[str, dict[str, str]] = {
     "zlab_readme": {
         "title": "z-lab/dflash README results table",
+        "short": "z-lab README",
         "role": "anchor",
         "detail": "HF Transformers backend, thinking off, max 2048 new tokens, block 16, H200/B200, batch 1; "
                   "speedup is decode-only",
     },
     "dflash_paper_table1": {
         "title": "DFlash paper (arXiv 2602.06036) Table 1",
+        "short": "paper Table 1",
         "role": "anchor",
         "detail": "HF Transformers backend, thinking off, max 2048 new tokens, batch 1; 7 datasets",
     },
     "dflash_paper_table10_no_target_features": {
         "title": "DFlash paper Table 10: ablation, drafter trained WITHOUT target features",
+        "short": "paper Table 10 ABLATION (no target features)",
         "role": "ablation",
         "detail": "not a drafter anchor; the seed PR quoted these tau values as its z-lab reference",
     },
     "torchspec_pr51": {
         "title": "TorchSpec PR #51 (seed PR), its own published measurements",
+        "short": "seed PR #51",
         "role": "published run",
         "detail": "SGLang, 1xH100, greedy, 2048 new tokens, concurrency 1",
     },
@@ -89,7 +93,9 @@ class Line:
 
     @property
     def role(self) -> str:
-        return SOURCES[self.source]["role"]
+        """anchor (a released DFlash drafter), baseline (another method in an anchor table), ablation, published run"""
+        role = SOURCES[self.source]["role"]
+        return "baseline" if role == "anchor" and not self.method.startswith("dflash") else role
 
     @property
     def backend(self) -> str:
@@ -134,8 +140,7 @@ def target_model_of(run: dict) -> str | None:
 
 
 def default_label(source: str, method: str, target_model: str, temperature: float) -> str:
-    title = SOURCES[source]["title"]
-    return f"{title}: {METHOD_TITLES.get(method, method)}, {target_model}, T={temperature:g}"
+    return f"{SOURCES[source]['short']}: {METHOD_TITLES.get(method, method)}, {target_model}, T={temperature:g}"
 
 
 def as_selector(entry: str | dict) -> dict:

@@ -1,12 +1,16 @@
 """report: tables, figures and report.md of one phase, computed from the stages' raw records.
 
 Every aggregate (math / code / chat / overall) is the mean of the per-dataset values shown in the same table;
-nothing is copied from elsewhere. Also links `results/phases/<phase>/<run>/<stage>` to the hashed directories.
+nothing is copied from elsewhere. A phase's `external` runs (published per-dataset results, from the references
+table) appear in the tables next to its own runs, with their aggregates recomputed the same way. Each run is compared
+with the phase's `references` (and own runs with the external ones) in `tables/deltas.csv`; every reference value
+carries its source id. Also links `results/phases/<phase>/<run>/<stage>` to the hashed directories.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import shutil
@@ -14,10 +18,28 @@ import statistics
 from pathlib import Path
 
 from dflash import provenance
+from dflash import references as refs
+from dflash.config import Phase
 from dflash.paths import RESULTS, report_dir, stage_dir
 from dflash.registry import Registry
 
 FAMILY_ORDER = ("math", "code", "chat")
+AGG_SOURCE = "mean of the run's per-dataset rows"
+
+TAU_COLS = ["run", "dataset", "family", "tau", "tau_token_weighted", "tau_no_bonus", "n_requests", "backend",
+            "hardware", "temperature", "source"]
+SPEED_COLS = ["run", "dataset", "speedup_decode_only", "speedup_e2e", "tpot_dflash_ms", "tpot_baseline_ms", "lossless",
+              "n_requests", "backend", "hardware", "temperature", "source"]
+TRAIN_COLS = ["run", "steps", "schedule_steps", "global_batch", "planned_global_batch", "samples", "epochs",
+              "final_loss", "final_acc", "samples_per_s", "wall_s", "gpus", "gpu_hours", "device", "source"]
+DELTA_COLS = ["run", "metric", "dataset", "family", "n_datasets", "value", "reference", "delta", "ratio",
+              "compared_to", "role", "source", "label", "backend", "reference_backend"]
+REF_COLS = ["reference", "role", "source", "label", "target_model", "method", "temperature", "backend", "dataset",
+            "metric", "value", "note"]
+TABLES = {"tau": TAU_COLS, "speedup": SPEED_COLS, "training": TRAIN_COLS, "deltas": DELTA_COLS,
+          "references": REF_COLS}
+# our summary field for each reference metric
+METRIC_FIELDS = {"tau": "tau_macro", "speedup_decode_only": "speedup_decode_only", "speedup_e2e": "speedup_e2e"}
 
 
 def family(dataset: str) -> str:
@@ -34,7 +56,7 @@ def _read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def averages(values: dict[str, float]) -> dict[str, float]:
+def averages(values: dict[str, float | None]) -> dict[str, float]:
     """Per-family means and the overall mean of per-dataset values."""
     out = {}
     for fam in FAMILY_ORDER:
@@ -47,35 +69,102 @@ def averages(values: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def collect(reg: Registry, phase: str) -> dict:
-    """Per run: bench summaries recomputed from records, training metrics and summary."""
+# --------------------------------------------------------------------------- data
+
+
+def run_map(reg: Registry, phase: str) -> dict[str, dict]:
+    """run -> {stage: key, ..., "bench": {dataset: key}}: what the report reads (also its provenance upstream)."""
+    return {r: {**p.keys, "bench": dict(p.bench)} for r, p in reg.plans[phase].items()}
+
+
+def bench_summary(directory: Path) -> dict:
+    """A bench stage's summary with every metric recomputed from its raw records."""
     from dflash import metrics
 
-    runs = {}
-    for run, plan in reg.plans[phase].items():
+    s = json.loads((directory / "summary.json").read_text())
+    s.update(metrics.summarize(_read_jsonl(directory / "records.jsonl"), s["block_size"]))
+    return s
+
+
+def collect_runs(ph: Phase, runs: dict[str, dict]) -> dict:
+    """Per own run: bench summaries recomputed from records, training metrics and summary."""
+    out = {}
+    for run, keys in runs.items():
+        bench = {ds: bench_summary(stage_dir("bench", key)) for ds, key in keys["bench"].items()}
+        tdir = stage_dir("train", keys["train"])
+        out[run] = {"kind": "run", "config": ph.runs.get(run, {}), "bench": bench, "bench_keys": dict(keys["bench"]),
+                    "train_key": keys["train"], "train": json.loads((tdir / "summary.json").read_text()),
+                    "metrics": _read_jsonl(tdir / "metrics.jsonl")}
+    return out
+
+
+def default_target(ph: Phase) -> str | None:
+    targets = [refs.target_model_of(r) for r in ph.runs.values()]
+    return next((t for t in targets if t), None)
+
+
+def collect_external(ph: Phase) -> dict:
+    """Per external run: its published per-dataset values (datasets of this phase only), from the references table."""
+    names = [d["name"] for d in ph.datasets]
+    out = {}
+    for name, ext in ph.external.items():
+        line = refs.external_line(ext, default_target(ph))
         bench = {}
-        for ds, key in plan.bench.items():
-            d = stage_dir("bench", key)
-            s = json.loads((d / "summary.json").read_text())
-            s.update(metrics.summarize(_read_jsonl(d / "records.jsonl"), s["block_size"]))
-            bench[ds] = s
-        tdir = stage_dir("train", plan.keys["train"])
-        runs[run] = {"bench": bench, "train": json.loads((tdir / "summary.json").read_text()),
-                     "metrics": _read_jsonl(tdir / "metrics.jsonl")}
-    return runs
+        for ds in names:
+            vals = {METRIC_FIELDS[m]: line.values(m).get(ds) for m in refs.METRICS}
+            if any(v is not None for v in vals.values()):
+                bench[ds] = {**vals, "backend": line.backend, "temperature": line.temperature}
+        out[name] = {"kind": "external", "line": line, "bench": bench}
+    return out
+
+
+def collect(reg: Registry, phase: str) -> dict:
+    ph = reg.phases[phase]
+    return {**collect_runs(ph, run_map(reg, phase)), **collect_external(ph)}
+
+
+def comparisons(ph: Phase, data: dict) -> dict[str, list[refs.Line]]:
+    """run -> the reference lines it is compared with: the phase's references for the run's target and bench
+    temperature, and (for own runs) the phase's external runs. A line is never compared with itself."""
+    out = {}
+    for run, r in data.items():
+        if r["kind"] == "run":
+            target, temp = refs.target_model_of(r["config"]), float(r["config"]["bench"]["temperature"])
+        else:
+            target, temp = r["line"].target_model, r["line"].temperature
+        lines = [ln for entry in ph.references for ln in refs.lines(entry, target, temp)]
+        if r["kind"] == "run":
+            lines += [x["line"] for x in data.values() if x["kind"] == "external"]
+        else:
+            lines = [ln for ln in lines if (ln.source, ln.method) != (r["line"].source, r["line"].method)]
+        out[run] = list({ln.id: ln for ln in lines}.values())
+    return out
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _r(x, nd: int = 4):
+    return None if x is None else round(x, nd)
 
 
 def tau_table(data: dict) -> list[dict]:
     rows = []
     for run, r in data.items():
-        per = {ds: s["tau_macro"] for ds, s in r["bench"].items()}
+        per = {ds: s.get("tau_macro") for ds, s in r["bench"].items()}
         for ds, s in r["bench"].items():
-            rows.append({"run": run, "dataset": ds, "family": family(ds), "tau": round(s["tau_macro"], 4),
-                         "tau_token_weighted": round(s["tau_token"], 4), "tau_no_bonus": round(s["tau_no_bonus"], 4),
-                         "n_requests": s["n_requests"], "backend": s["backend"], "hardware": s["hardware"],
-                         "temperature": s["temperature"]})
+            if s.get("tau_macro") is None:
+                continue
+            if r["kind"] == "run":
+                rows.append({"run": run, "dataset": ds, "family": family(ds), "tau": _r(s["tau_macro"]),
+                             "tau_token_weighted": _r(s["tau_token"]), "tau_no_bonus": _r(s["tau_no_bonus"]),
+                             "n_requests": s["n_requests"], "backend": s["backend"], "hardware": s["hardware"],
+                             "temperature": s["temperature"], "source": f"bench/{r['bench_keys'][ds]}"})
+            else:
+                rows.append({"run": run, "dataset": ds, "family": family(ds), "tau": _r(s["tau_macro"]),
+                             "backend": s["backend"], "temperature": s["temperature"], "source": r["line"].source})
         for name, v in averages(per).items():
-            rows.append({"run": run, "dataset": name, "family": name.split()[0], "tau": round(v, 4)})
+            rows.append({"run": run, "dataset": name, "family": name.split()[0], "tau": _r(v), "source": AGG_SOURCE})
     return rows
 
 
@@ -83,71 +172,167 @@ def speedup_table(data: dict) -> list[dict]:
     rows = []
     for run, r in data.items():
         for ds, s in r["bench"].items():
-            rows.append({"run": run, "dataset": ds, "speedup_decode_only": _r(s.get("speedup_decode_only")),
-                         "speedup_e2e": _r(s.get("speedup_e2e")), "tpot_dflash_ms": _r(s.get("tpot_dflash_ms")),
-                         "tpot_baseline_ms": _r(s.get("tpot_baseline_ms")), "lossless": s.get("lossless"),
-                         "n_requests": s["n_requests"], "backend": s["backend"], "hardware": s["hardware"],
-                         "temperature": s["temperature"]})
+            if r["kind"] == "run":
+                rows.append({"run": run, "dataset": ds, "speedup_decode_only": _r(s.get("speedup_decode_only")),
+                             "speedup_e2e": _r(s.get("speedup_e2e")), "tpot_dflash_ms": _r(s.get("tpot_dflash_ms")),
+                             "tpot_baseline_ms": _r(s.get("tpot_baseline_ms")), "lossless": s.get("lossless"),
+                             "n_requests": s["n_requests"], "backend": s["backend"], "hardware": s["hardware"],
+                             "temperature": s["temperature"], "source": f"bench/{r['bench_keys'][ds]}"})
+            elif s.get("speedup_decode_only") is not None or s.get("speedup_e2e") is not None:
+                rows.append({"run": run, "dataset": ds, "speedup_decode_only": _r(s.get("speedup_decode_only")),
+                             "speedup_e2e": _r(s.get("speedup_e2e")), "backend": s["backend"],
+                             "temperature": s["temperature"], "source": r["line"].source})
     return rows
+
+
+def planned_global_batch(run: dict) -> int:
+    """micro batch x grad accum x data-parallel training processes (GPUs not serving the target, x nodes)."""
+    tc, res = run["train"], run["resources"].get("train", {})
+    gpus = res.get("gpus", 0)
+    dp = max(1, gpus - res.get("inference_gpus", 0)) * res.get("nodes", 1) if gpus else 1
+    return tc["micro_batch_size"] * tc["grad_accum"] * dp
 
 
 def training_table(data: dict) -> list[dict]:
     rows = []
     for run, r in data.items():
-        t = r["train"]
-        gpus = 0 if t["device"] == "cpu" else t.get("world_size", 1)
-        rows.append({"run": run, "steps": t["steps"], "samples": t["samples"], "epochs": round(t["epochs"], 3),
-                     "final_loss": _r(t["final_loss"]), "final_acc": _r(t["final_acc"]),
-                     "wall_s": round(t["wall_s"], 1),
-                     "gpu_hours": round(gpus * t["wall_s"] / 3600, 4), "device": t["device"]})
+        if r["kind"] != "run":
+            continue
+        t, res = r["train"], r["config"]["resources"].get("train", {})
+        gpus = 0 if t["device"] == "cpu" else (res.get("gpus", 0) * res.get("nodes", 1) or t.get("world_size", 1))
+        rates = [m["samples_per_s"] for m in r["metrics"] if m.get("samples_per_s")]
+        rate = _r(statistics.median(rates), 2) if rates else None
+        rows.append({"run": run, "steps": t["steps"], "schedule_steps": t.get("schedule_steps"),
+                     "global_batch": t.get("global_batch"), "planned_global_batch": planned_global_batch(r["config"]),
+                     "samples": t["samples"], "epochs": round(t["epochs"], 3), "final_loss": _r(t["final_loss"]),
+                     "final_acc": _r(t["final_acc"]), "samples_per_s": rate,
+                     "wall_s": round(t["wall_s"], 1), "gpus": gpus, "gpu_hours": round(gpus * t["wall_s"] / 3600, 4),
+                     "device": t["device"], "source": f"train/{r['train_key']}"})
     return rows
 
 
-def _r(x, nd: int = 4):
-    return None if x is None else round(x, nd)
+def _run_values(r: dict, metric: str) -> dict[str, float]:
+    field = METRIC_FIELDS[metric]
+    return {ds: s[field] for ds, s in r["bench"].items() if s.get(field) is not None}
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    cols = list(dict.fromkeys(c for r in rows for c in r))
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
+def _run_backend(r: dict) -> str:
+    if r["kind"] == "external":
+        return r["line"].backend
+    return ",".join(sorted({s["backend"] for s in r["bench"].values()}))
 
 
-def figures(data: dict, out: Path) -> None:
+def deltas_table(data: dict, comps: dict[str, list[refs.Line]], datasets: list[str]) -> list[dict]:
+    """Run minus reference per dataset, then per family and overall over the datasets both have (each side's mean
+    recomputed from its per-dataset values)."""
+    rows = []
+    for run, r in data.items():
+        for line in comps.get(run, []):
+            for metric in refs.METRICS:
+                ours, theirs = _run_values(r, metric), line.values(metric)
+                common = [d for d in datasets if d in ours and d in theirs]
+                if not common:
+                    continue
+                base = {"run": run, "metric": metric, "compared_to": line.id, "role": line.role,
+                        "source": line.source, "label": line.label, "backend": _run_backend(r),
+                        "reference_backend": line.backend}
+                for ds in common:
+                    rows.append({**base, "dataset": ds, "family": family(ds), "n_datasets": 1,
+                                 **_delta(ours[ds], theirs[ds])})
+                groups = [(f"{fam} avg", fam, [d for d in common if family(d) == fam]) for fam in FAMILY_ORDER]
+                groups.append(("overall", "overall", common))
+                for name, fam, ds_list in groups:
+                    if ds_list:
+                        rows.append({**base, "dataset": name, "family": fam, "n_datasets": len(ds_list),
+                                     **_delta(statistics.fmean(ours[d] for d in ds_list),
+                                              statistics.fmean(theirs[d] for d in ds_list))})
+    return rows
+
+
+def _delta(value: float, reference: float) -> dict:
+    return {"value": _r(value), "reference": _r(reference), "delta": _r(value - reference),
+            "ratio": _r(value / reference) if reference else None}
+
+
+def references_table(data: dict, comps: dict[str, list[refs.Line]], datasets: list[str]) -> list[dict]:
+    """Every published value this report uses (references and external runs), each with its source id."""
+    lines = {ln.id: ln for run_lines in comps.values() for ln in run_lines}
+    lines.update({r["line"].id: r["line"] for r in data.values() if r["kind"] == "external"})
+    rows = []
+    for line in lines.values():
+        for metric in refs.METRICS:
+            for ds in datasets:
+                v = line.values(metric).get(ds)
+                if v is not None:
+                    rows.append({"reference": line.id, "role": line.role, "source": line.source, "label": line.label,
+                                 "target_model": line.target_model, "method": line.method,
+                                 "temperature": line.temperature, "backend": line.backend, "dataset": ds,
+                                 "metric": metric, "value": v, "note": line.note(ds, metric)})
+    return rows
+
+
+def tables(ph: Phase, data: dict) -> dict[str, list[dict]]:
+    """All CSV tables of a report, by name (tables/<name>.csv)."""
+    datasets = [d["name"] for d in ph.datasets]
+    comps = comparisons(ph, data)
+    return {"tau": tau_table(data), "speedup": speedup_table(data), "training": training_table(data),
+            "deltas": deltas_table(data, comps, datasets), "references": references_table(data, comps, datasets)}
+
+
+def csv_text(rows: list[dict], cols: list[str]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def write_csv(path: Path, rows: list[dict], cols: list[str] | None = None) -> None:
+    path.write_text(csv_text(rows, cols or list(dict.fromkeys(c for r in rows for c in r))))
+
+
+# --------------------------------------------------------------------------- figures
+
+FIGURES = ("loss.png", "tau.png", "acceptance.png", "tau_references.png")
+
+
+def figures(ph: Phase, data: dict, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    own = {run: r for run, r in data.items() if r["kind"] == "run"}
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for run, r in data.items():
+    for run, r in own.items():
         steps = [m["step"] for m in r["metrics"]]
         ax1.plot(steps, [m["loss"] for m in r["metrics"]], label=run)
         ax2.plot(steps, [m["acc"] for m in r["metrics"]], label=run)
     ax1.set(xlabel="step", ylabel="loss", title="training loss")
     ax2.set(xlabel="step", ylabel="accuracy", title="block accuracy")
-    ax1.legend()
+    if own:
+        ax1.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(out / "loss.png", dpi=110)
     plt.close(fig)
 
-    datasets = sorted({ds for r in data.values() for ds in r["bench"]}, key=lambda d: (family(d), d))
+    datasets = [d["name"] for d in ph.datasets]
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(datasets) + 2), 3.8))
     width = 0.8 / max(1, len(data))
     for i, (run, r) in enumerate(data.items()):
         xs = [j + i * width for j in range(len(datasets))]
-        ax.bar(xs, [r["bench"].get(d, {}).get("tau_macro", 0) for d in datasets], width, label=run)
+        ax.bar(xs, [r["bench"].get(d, {}).get("tau_macro") or 0 for d in datasets], width,
+               label=run + (" (published)" if r["kind"] == "external" else ""),
+               hatch="//" if r["kind"] == "external" else None)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(datasets))], datasets, rotation=30, ha="right")
     ax.set(ylabel="tau (incl. bonus)", title="acceptance length per dataset")
-    ax.legend()
+    ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(out / "tau.png", dpi=110)
     plt.close(fig)
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for run, r in data.items():
+    for run, r in own.items():
         summaries = list(r["bench"].values())
         hist = [sum(col) for col in zip(*(s["histogram"] for s in summaries), strict=True)]
         total = sum(hist) or 1
@@ -156,10 +341,49 @@ def figures(data: dict, out: Path) -> None:
         ax2.plot(range(1, len(pos) + 1), pos, marker="o", label=run)
     ax1.set(xlabel="accepted length per step", ylabel="share of steps", title="tau histogram (all datasets)")
     ax2.set(xlabel="draft position k", ylabel="acceptance rate", title="per-position acceptance")
-    ax1.legend()
+    if own:
+        ax1.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(out / "acceptance.png", dpi=110)
     plt.close(fig)
+
+    reference_figure(ph, data, out / "tau_references.png")
+
+
+def reference_figure(ph: Phase, data: dict, path: Path) -> None:
+    """tau per dataset: one bar per run (published external runs hatched), one marker series per reference line."""
+    import matplotlib.pyplot as plt
+
+    datasets = [d["name"] for d in ph.datasets]
+    lines = {ln.id: ln for run_lines in comparisons(ph, data).values() for ln in run_lines
+             if ln.values("tau") and ln.role != "published run"}
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.9 * len(datasets) + 2), 5.2 + 0.16 * (len(lines) + len(data))))
+    width = 0.8 / max(1, len(data))
+    for i, (run, r) in enumerate(data.items()):
+        xs = [j - 0.4 + (i + 0.5) * width for j in range(len(datasets))]
+        ax.bar(xs, [r["bench"].get(d, {}).get("tau_macro") or 0 for d in datasets], width, alpha=0.8,
+               label=run + (f" (published, {r['line'].source})" if r["kind"] == "external" else ""),
+               hatch="//" if r["kind"] == "external" else None)
+    markers = "D^vs*Pxo"
+    for k, line in enumerate(lines.values()):
+        vals = line.values("tau")
+        xs = [j for j, d in enumerate(datasets) if d in vals]
+        label = f"{line.label} [{line.role}]"
+        colour = {"anchor": "black", "ablation": "tab:red"}.get(line.role, "grey")
+        ax.scatter(xs, [vals[datasets[j]] for j in xs], marker=markers[k % len(markers)], s=46, zorder=3,
+                   color=colour, label=label)
+    ax.set_xticks(range(len(datasets)), datasets, rotation=30, ha="right")
+    ax.set(ylabel="tau (incl. bonus)", title=f"{ph.name}: tau per dataset against published references")
+    if not lines:
+        ax.text(0.5, 0.95, "no published reference for this phase's target", transform=ax.transAxes, ha="center",
+                va="top", fontsize="small")
+    ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2 if len(data) > 6 else 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- markdown
 
 
 def _md_table(rows: list[dict], cols: list[str]) -> str:
@@ -169,22 +393,73 @@ def _md_table(rows: list[dict], cols: list[str]) -> str:
     return "\n".join(lines)
 
 
-def markdown(reg: Registry, phase: str, tau: list[dict], speed: list[dict], training: list[dict]) -> str:
-    ph = reg.phases[phase]
-    return "\n\n".join([
-        f"# Phase `{phase}`", ph.description.strip(),
+def _wide_tau(ph: Phase, data: dict, comps: dict[str, list[refs.Line]]) -> list[dict]:
+    """One row per run and per reference line: tau per dataset, family means and overall over the datasets shown."""
+    datasets = [d["name"] for d in ph.datasets]
+    rows = []
+    for run, r in data.items():
+        vals = _run_values(r, "tau")
+        src = r["line"].source if r["kind"] == "external" else "this phase (bench records)"
+        rows.append({"": run, "source": src, **{d: _r(vals.get(d), 2) for d in datasets},
+                     **{k: _r(v, 2) for k, v in averages({d: vals.get(d) for d in datasets}).items()},
+                     "datasets": len(vals)})
+    for line in {ln.id: ln for v in comps.values() for ln in v}.values():
+        vals = {d: v for d, v in line.values("tau").items() if d in datasets}
+        if not vals:
+            continue
+        rows.append({"": f"{line.label} [{line.role}]", "source": line.source, **{d: vals.get(d) for d in datasets},
+                     **{k: _r(v, 2) for k, v in averages(vals).items()}, "datasets": len(vals)})
+    return rows
+
+
+def markdown(ph: Phase, data: dict, t: dict[str, list[dict]]) -> str:
+    comps = comparisons(ph, data)
+    datasets = [d["name"] for d in ph.datasets]
+    aggs = [f"{f} avg" for f in FAMILY_ORDER if any(family(d) == f for d in datasets)] + ["overall"]
+    lines = {ln.id: ln for v in comps.values() for ln in v}
+    ref_rows = [{"reference": ln.label, "role": ln.role, "source": ln.source,
+                 "detail": refs.SOURCES[ln.source]["detail"]} for ln in lines.values()]
+    ext = {run: r for run, r in data.items() if r["kind"] == "external"}
+    delta_rows = [r for r in t["deltas"] if r["metric"] == "tau" and r["dataset"] in aggs]
+    parts = [
+        f"# Phase `{ph.name}`", ph.description.strip(),
         f"Config: `{ph.file}`. Every number below is recomputed from the bench records and training metrics of the "
-        "stage directories listed in `provenance.json`; aggregates are means of the per-dataset values shown.",
-        "## Acceptance length (tau, includes the bonus token)",
-        _md_table(tau, ["run", "dataset", "tau", "tau_token_weighted", "n_requests", "backend", "hardware",
-                        "temperature"]),
+        "stage directories listed in `provenance.json`, or read per dataset from the project's references table "
+        "(`src/dflash/references.csv`, source id in every row); aggregates are means of the per-dataset values shown.",
+        "## Acceptance length (tau, includes the bonus token) against references",
+        _md_table(_wide_tau(ph, data, comps), ["", "source", *datasets, *aggs, "datasets"]),
+    ]
+    if ext:
+        parts.append("External runs (published elsewhere, shown as runs): " + "; ".join(
+            f"`{run}` = {r['line'].label} [source `{r['line'].source}`]" for run, r in ext.items()) + ".")
+    if ref_rows:
+        parts += ["### References", _md_table(ref_rows, ["reference", "role", "source", "detail"]),
+                  "Drafter anchors: the z-lab README table and the paper's Table 1 (DFlash b16); the README's "
+                  "EAGLE-3 row is a baseline. The paper's Table 10 is an ablation (a drafter trained WITHOUT target "
+                  "features), not a drafter anchor, although the seed PR compared itself with it as \"the z-lab "
+                  "reference\"."]
+    parts += [
+        "## Deltas to references (tau, per family and overall over the datasets both report)",
+        _md_table(delta_rows, ["run", "dataset", "n_datasets", "value", "reference", "delta", "ratio", "label",
+                               "source"]) if delta_rows else "No reference covers this phase's target and datasets.",
+        "Per dataset and for the speedups: `tables/deltas.csv`.",
+        "## Acceptance length per run and dataset",
+        _md_table(t["tau"], ["run", "dataset", "tau", "tau_token_weighted", "n_requests", "backend", "hardware",
+                             "temperature", "source"]),
         "## Speedup (batch 1)",
-        _md_table(speed, ["run", "dataset", "speedup_decode_only", "speedup_e2e", "tpot_dflash_ms",
-                          "tpot_baseline_ms", "lossless", "hardware"]),
-        "## Training", _md_table(training, ["run", "steps", "samples", "epochs", "final_loss", "final_acc", "wall_s",
-                                            "gpu_hours", "device"]),
-        "## Figures", "![loss](figures/loss.png)\n\n![tau](figures/tau.png)\n\n![acceptance](figures/acceptance.png)",
-    ]) + "\n"
+        _md_table(t["speedup"], ["run", "dataset", "speedup_decode_only", "speedup_e2e", "tpot_dflash_ms",
+                                 "tpot_baseline_ms", "lossless", "hardware", "source"]),
+        "## Training",
+        _md_table(t["training"], ["run", "steps", "schedule_steps", "global_batch", "planned_global_batch", "samples",
+                                  "epochs", "final_loss", "final_acc", "samples_per_s", "wall_s", "gpu_hours",
+                                  "device"]),
+        "## Figures",
+        "\n\n".join(f"![{f.removesuffix('.png')}](figures/{f})" for f in FIGURES),
+    ]
+    return "\n\n".join(parts) + "\n"
+
+
+# --------------------------------------------------------------------------- build
 
 
 def link_runs(reg: Registry, phase: str) -> None:
@@ -203,28 +478,35 @@ def link_runs(reg: Registry, phase: str) -> None:
             os.replace(tmp, link)
 
 
+def write_outputs(ph: Phase, data: dict, out: Path) -> dict[str, list[dict]]:
+    (out / "tables").mkdir(parents=True, exist_ok=True)
+    (out / "figures").mkdir(exist_ok=True)
+    t = tables(ph, data)
+    for name, rows in t.items():
+        write_csv(out / "tables" / f"{name}.csv", rows, TABLES[name])
+    figures(ph, data, out / "figures")
+    (out / "report.md").write_text(markdown(ph, data, t))
+    return t
+
+
 def build(reg: Registry, phase: str) -> Path:
     final = report_dir(phase)
     tmp = final.with_name(f".tmp-{phase}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "tables").mkdir(parents=True)
-    (tmp / "figures").mkdir()
+    tmp.mkdir(parents=True)
     started = provenance.now()
     try:
-        data = collect(reg, phase)
-        tau, speed, training = tau_table(data), speedup_table(data), training_table(data)
-        write_csv(tmp / "tables" / "tau.csv", tau)
-        write_csv(tmp / "tables" / "speedup.csv", speed)
-        write_csv(tmp / "tables" / "training.csv", training)
-        figures(data, tmp / "figures")
-        (tmp / "report.md").write_text(markdown(reg, phase, tau, speed, training))
-        upstream = {"runs": {r: {**p.keys, "bench": p.bench} for r, p in reg.plans[phase].items()}}
-        pairs = [(s, k) for p in reg.plans[phase].values()
-                 for s, k in [*p.keys.items(), *(("bench", b) for b in p.bench.values())]]
-        inputs = {f"{s}/{k}": provenance.sha256_file(stage_dir(s, k) / provenance.PROVENANCE) for s, k in pairs}
         ph = reg.phases[phase]
+        runs = run_map(reg, phase)
+        write_outputs(ph, {**collect_runs(ph, runs), **collect_external(ph)}, tmp)
+        pairs = [(s, k) for keys in runs.values()
+                 for s, k in [*((s, k) for s, k in keys.items() if s != "bench"), *(("bench", b) for b in
+                                                                                   keys["bench"].values())]]
+        inputs = {f"{s}/{k}": provenance.sha256_file(stage_dir(s, k) / provenance.PROVENANCE) for s, k in pairs}
+        inputs[f"references/{refs.TABLE.name}"] = provenance.sha256_file(refs.TABLE)
         prov = provenance.record("report", reg.report_key(phase), {"phase": phase, "file": ph.file, "chain": ph.chain,
-                                 "references": ph.references}, upstream, tmp, started, inputs, {}, [(phase, "*")])
+                                 "references": ph.references, "external": ph.external}, {"runs": runs}, tmp, started,
+                                 inputs, {}, [(phase, "*")])
         provenance.write(tmp, prov)
         if final.exists():
             shutil.rmtree(final)
