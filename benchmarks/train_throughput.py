@@ -1,0 +1,148 @@
+"""Training-step throughput of the DFlash drafter at Qwen3-8B scale (random weights, random target features).
+
+One step = anchors + blocks, drafter forward (FlexAttention on GPU), LM head + loss, backward, grad clip, AdamW.
+Shapes: 5 drafter layers, hidden 4096, intermediate 12288, 32/8 heads, vocab 151,936, block 16, 512 anchors, batch 1.
+
+    python benchmarks/train_throughput.py --seq 2048 3072            # one GPU: optimised path vs a baseline path
+    torchrun --nproc_per_node 4 benchmarks/train_throughput.py --seq 2048 --fsdp   # FSDP2 scaling
+
+The baseline path, run in the same process, materialises the full-vocab logits (plain cross entropy) and uses the
+default (foreach) AdamW; the optimised path uses the fused LM-head loss and fused AdamW. Prints one JSON line per
+configuration: ms/step, samples/s, tokens/s, peak memory, MFU, FlexAttention recompiles after warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from dflash import objective
+from dflash.model import DFlashDrafter, DrafterConfig
+from dflash.train import _attention, shard
+
+QWEN3_8B = dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=5, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=128, vocab_size=151936, num_target_layers=36,
+                target_layer_ids=[1, 9, 17, 25, 33], mask_token_id=151669, block_size=16, rope_theta=1e6)
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "B200": 2250.0}   # dense bf16
+
+
+def step_flops(c: DrafterConfig, seq: int, q_len: int) -> float:
+    """Training FLOPs of one step: drafter (x3), frozen LM head (forward + input grad = x2), attention (x3,
+    counted dense over the keys a query may see: its anchor's context, ~seq/2 on average, plus its block)."""
+    h, i, kv = c.hidden_size, c.intermediate_size, c.num_key_value_heads * c.head_dim
+    per_layer = 2 * q_len * (h * h * 2 + 3 * h * i) + 2 * (seq + q_len) * 2 * h * kv
+    fc = 2 * seq * len(c.target_layer_ids) * h * h
+    attn = 2 * 2 * q_len * (seq / 2 + c.block_size) * c.num_attention_heads * c.head_dim * c.num_hidden_layers
+    lm_head = 2 * q_len * h * c.vocab_size
+    return 3 * (c.num_hidden_layers * per_layer + fc + attn) + 2 * lm_head
+
+
+def run_config(seq: int, anchors: int, fused: bool, steps: int, warmup: int, world: int, rank: int) -> dict:
+    dev = torch.device("cuda", torch.cuda.current_device())
+    c = DrafterConfig(**QWEN3_8B)
+    torch.manual_seed(0)
+    drafter = DFlashDrafter(c).to(dev)
+    drafter.init_weights(0)
+    shard(drafter, "cuda", world)
+    lm_weight = (torch.randn(c.vocab_size, c.hidden_size, device=dev, dtype=torch.bfloat16) * 0.02)
+    embed = torch.nn.Embedding.from_pretrained(lm_weight.clone(), freeze=True)
+    opt = torch.optim.AdamW(drafter.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=fused, foreach=not fused)
+    make_attend = _attention("cuda", "flex")
+    gen = torch.Generator().manual_seed(rank)
+    ids = torch.randint(0, c.vocab_size - 100, (1, seq), generator=gen).to(dev)
+    lmask = torch.zeros(1, seq, dtype=torch.bool, device=dev)
+    lmask[:, seq // 8:] = True                                    # prompt then response
+    lens = torch.tensor([seq], device=dev)
+    feats = torch.randn(1, seq, 5 * c.hidden_size, device=dev, dtype=torch.bfloat16)
+    from torch._dynamo.utils import counters
+
+    times = []
+    for it in range(warmup + steps):
+        if it == warmup:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            graphs_after_warmup = counters["stats"]["unique_graphs"]
+        t0 = time.perf_counter()
+        a, keep = objective.sample_anchors(lmask, anchors, c.block_size, gen, lens)
+        blocks = objective.build_blocks(ids, lmask, a, keep, c.block_size, c.mask_token_id, 7.0)
+        block_emb = embed(blocks.input_ids)
+        positions = torch.cat([torch.arange(seq, device=dev)[None], blocks.positions], 1)
+        attend = make_attend(a, seq, c.block_size)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            hidden = drafter(block_emb, feats, positions, attend=attend)
+        if fused:
+            res = objective.fused_block_loss(hidden.to(torch.bfloat16), lm_weight, blocks, c.block_size, 4096)
+        else:
+            res = objective.block_loss(hidden.to(torch.bfloat16) @ lm_weight.T, blocks, c.block_size)
+        res["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(drafter.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if it >= warmup:
+            times.append(time.perf_counter() - t0)
+    if world > 1:
+        t = torch.tensor([sum(times) / len(times)], device=dev)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        step_s = t.item()
+    else:
+        step_s = sum(times) / len(times)
+    q_len = anchors * c.block_size
+    gpu = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in gpu), None)
+    flops = step_flops(c, seq, q_len)
+    out = {"gpu": gpu, "world_size": world, "seq": seq, "anchors": anchors,
+           "path": "optimised" if fused else "baseline",
+           "ms_per_step": round(step_s * 1e3, 1), "samples_per_s": round(world / step_s, 2),
+           "tokens_per_s": round(world * seq / step_s), "block_tokens_per_s": round(world * q_len / step_s),
+           "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+           "mfu": round(flops / step_s / (peak * 1e12), 3) if peak else None,
+           "recompiles_after_warmup": counters["stats"]["unique_graphs"] - graphs_after_warmup,
+           "torch": torch.__version__}
+    del drafter, opt, lm_weight, embed, feats
+    torch.cuda.empty_cache()
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seq", type=int, nargs="+", default=[2048, 3072])
+    p.add_argument("--anchors", type=int, default=512)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 over all ranks, optimised path only")
+    p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--json", help="append results to this file")
+    args = p.parse_args()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if world > 1:
+        dist.init_process_group("nccl")
+    results = []
+    for seq in args.seq:
+        paths = [True] if (args.fsdp or args.no_baseline) else [False, True]
+        for fused in paths:
+            r = run_config(seq, args.anchors, fused, args.steps, args.warmup, world, rank)
+            results.append(r)
+            if rank == 0:
+                print(json.dumps(r), flush=True)
+        if len(paths) == 2 and rank == 0:
+            base, opt = results[-2], results[-1]
+            print(json.dumps({"seq": seq, "speedup_vs_baseline": round(base["ms_per_step"] / opt["ms_per_step"], 3),
+                              "speedup_vs_specforge_h200_220.6ms": round(220.6 / opt["ms_per_step"], 3)}), flush=True)
+    if args.json and rank == 0:
+        with open(args.json, "a") as f:
+            for r in results:
+                f.write(json.dumps(r) + "\n")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
