@@ -1,5 +1,6 @@
 """Shared helpers: the stage registry (all phases, validated at parse time) and lookups for the rules."""
 
+from dflash.launch import load_cluster, slurm_resources, stage_resources
 from dflash.paths import stage_dir
 from dflash.registry import canonical_json, load_registry
 
@@ -39,6 +40,27 @@ def resource(stage, name, default):
 
     def value(wildcards):
         return REG.get(stage, wildcards.key).resources.get(name, default)
+
+    return value
+
+
+def slurm(stage, name):
+    """Resources function: how this stage instance's job is shaped for the scheduler (dflash.launch.slurm_resources):
+    GPUs per node, nodes, CPUs per GPU, and for several nodes the tasks, mpi, cpus_per_task and --gpus-per-node
+    request (with the GPU type of the cluster file). None (not requested) is dropped by Snakemake."""
+
+    def value(wildcards):
+        return slurm_resources(REG.get(stage, wildcards.key).resources, load_cluster())[name]
+
+    return value
+
+
+def stage_threads(stage):
+    """Threads function: CPUs per GPU for a GPU stage (each rank's share), else the stage's `cpus`."""
+
+    def value(wildcards):
+        r = stage_resources(REG.get(stage, wildcards.key).resources)
+        return r["cpus_per_gpu"] if r["gpus"] else r["cpus"]
 
     return value
 

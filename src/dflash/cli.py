@@ -85,7 +85,12 @@ def cmd_launch(args) -> int:
 def cmd_install_profiles(args) -> int:
     from dflash import launch
 
-    for line in launch.install_profiles(args.dest):
+    try:
+        lines = launch.install_profiles(args.dest)
+    except FileExistsError as e:
+        print(f"dflash: error: {e}", file=sys.stderr)
+        return 2
+    for line in lines:
         print(line)
     return 0
 
@@ -152,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, FileNotFoundError, FileExistsError, KeyError) as e:
+    except (ConfigError, FileNotFoundError, KeyError) as e:
         print(f"dflash: error: {e}", file=sys.stderr)
         return 2
 

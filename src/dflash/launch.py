@@ -45,7 +45,8 @@ CLUSTER_ENV = "DFLASH_CLUSTER"
 CLUSTER_KEYS = ("account", "partition", "gpu_partition", "gpu_model", "qos", "constraint")
 
 # Snakemake resources that the slurm profile's default-resources fill from here, for rules that do not set them.
-PROFILE_RESOURCES = ("slurm_account", "slurm_partition", "gpu_model", "cpus_per_gpu", "qos", "constraint")
+PROFILE_RESOURCES = ("slurm_account", "slurm_partition", "qos", "constraint", "gpu_model", "cpus_per_gpu", "nodes",
+                     "mem_mb", "runtime")
 
 RAY_PORT_NAMES = ("port", "ray-client-server-port", "node-manager-port", "object-manager-port",
                   "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
@@ -94,11 +95,12 @@ def load_cluster(path: Path | None = None) -> dict:
     return out
 
 
-def slurm_resources(res: dict | None, cluster: dict) -> dict:
+def slurm_resources(res: dict | None, cluster: dict | None = None) -> dict:
     """Snakemake resources (as the Slurm executor plugin reads them) for a stage's `resources` section.
 
     A value of None means "not requested": Snakemake drops resources whose value is None."""
     r = stage_resources(res)
+    cluster = cluster or {}
     gpus, nodes = r["gpus"], r["nodes"]
     model = cluster.get("gpu_model")
     out = {

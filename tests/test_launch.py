@@ -1,0 +1,389 @@
+"""Cluster execution without a cluster: scheduler requests, launch commands, profiles, and the sbatch arguments of
+phase_k's train job pinned against a mock sbatch."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shlex
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, ROOT, copy_repo, dflash, env
+from dflash import launch
+
+CLUSTER = {"account": "proj1", "partition": "cpu", "gpu_partition": "gpu", "gpu_model": "h100", "qos": None,
+           "constraint": None}
+
+
+def test_slurm_resources_cpu_one_node_and_multi_node():
+    cpu = launch.slurm_resources({"cpus": 4, "mem_mb": 1000, "runtime": 5}, CLUSTER)
+    assert cpu["gpu"] == 0 and cpu["slurm_partition"] == "cpu" and cpu["slurm_account"] == "proj1"
+    assert cpu["cpus_per_gpu"] is None and cpu["cpus_per_task"] is None and cpu["mpi"] is None
+    assert cpu["gpu_model"] is None and cpu["nodes"] == 1 and (cpu["mem_mb"], cpu["runtime"]) == (1000, 5)
+
+    one = launch.slurm_resources({"gpus": 8, "cpus_per_gpu": 12}, CLUSTER)
+    assert (one["gpu"], one["nodes"], one["cpus_per_gpu"], one["gpu_model"]) == (8, 1, 12, "h100")
+    assert one["slurm_partition"] == "gpu"
+    assert one["cpus_per_task"] is None and one["tasks"] is None and one["mpi"] is None   # cpus_per_task would win
+
+    two = launch.slurm_resources({"gpus": 8, "nodes": 2, "cpus_per_gpu": 12}, CLUSTER)
+    assert (two["nodes"], two["tasks"], two["mpi"], two["cpus_per_task"]) == (2, 2, "srun", 96)
+    assert two["gpu"] == 0 and two["cpus_per_gpu"] is None and two["gpu_model"] is None   # no --gpus, no ntasks-per-gpu
+    assert two["slurm_extra"] == "--gpus-per-node=h100:8"
+    assert launch.slurm_resources({"gpus": 4, "nodes": 2}, {})["slurm_extra"] == "--gpus-per-node=4"
+    # an unset gpu partition falls back to the partition; unset cluster values are not requested
+    assert launch.slurm_resources({"gpus": 1}, {**CLUSTER, "gpu_partition": None})["slurm_partition"] == "cpu"
+    assert launch.slurm_resources({"gpus": 1}, None)["slurm_partition"] is None
+
+
+def test_cluster_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(launch.CLUSTER_ENV, raising=False)
+    assert launch.load_cluster() == dict.fromkeys(launch.CLUSTER_KEYS)       # no file: cluster defaults
+    f = tmp_path / "c.yaml"
+    f.write_text("account: 123456\npartition: gpu-a\ngpu_model: null\n")
+    monkeypatch.setenv(launch.CLUSTER_ENV, str(f))
+    got = launch.load_cluster()
+    assert got["account"] == "123456" and got["partition"] == "gpu-a" and got["gpu_model"] is None
+    f.write_text("acount: x\n")
+    with pytest.raises(launch.ConfigError, match="unknown key 'acount'"):
+        launch.load_cluster()
+    monkeypatch.setenv(launch.CLUSTER_ENV, str(tmp_path / "missing.yaml"))
+    with pytest.raises(launch.ConfigError, match="not found"):
+        launch.load_cluster()
+
+
+def test_repo_cluster_file_is_all_defaults():
+    """The tracked template requests nothing, so a cluster without accounts or named partitions works as is."""
+    assert launch.load_cluster(ROOT / launch.CLUSTER_FILE) == dict.fromkeys(launch.CLUSTER_KEYS)
+
+
+def test_profile_resource_looks_up_the_stage(monkeypatch):
+    class Inst:
+        resources = {"gpus": 2, "cpus_per_gpu": 6, "mem_mb": 1234}
+
+    class WC:
+        key = "0123456789ab"
+
+    monkeypatch.setattr(launch, "_instances_by_key", lambda: {"0123456789ab": Inst()})
+    monkeypatch.setattr(launch, "load_cluster", lambda: CLUSTER)
+    assert launch.profile_resource("cpus_per_gpu", WC()) == 6
+    assert launch.profile_resource("slurm_partition", WC()) == "gpu"
+    assert launch.profile_resource("gpu_model", WC()) == "h100"
+    assert launch.profile_resource("mem_mb", WC()) == 1234
+    assert launch.profile_resource("slurm_partition", None) == "cpu"            # report: no stage key
+    assert launch.profile_resource("gpu_model", None) is None
+    with pytest.raises(ValueError):
+        launch.profile_resource("cpus_per_task", WC())                        # never a profile default
+
+
+# ---- launch commands ----------------------------------------------------------------------------------------------
+
+def test_launch_command_single_process(monkeypatch):
+    monkeypatch.setattr(launch, "dflash_exe", lambda: "dflash")
+    for res in ({}, {"gpus": 1}, {"gpus": 1, "launcher": "ray"}, {"gpus": 0, "launcher": "ray"}):
+        assert launch.launch_command("train", "abc", res, env={}) == ["dflash", "stage", "train", "abc"]
+
+
+def test_launch_command_torchrun_one_node(monkeypatch):
+    monkeypatch.setattr(launch, "dflash_exe", lambda: "dflash")
+    assert launch.launch_command("train", "abc", {"gpus": 8}, env={}) == [
+        "torchrun", "--standalone", "--nnodes=1", "--nproc-per-node=8", "--no-python", "dflash", "stage", "train",
+        "abc"]
+
+
+def test_launch_command_torchrun_nodes(monkeypatch):
+    monkeypatch.setattr(launch, "dflash_exe", lambda: "dflash")
+    monkeypatch.setattr(launch, "allocation_nodes", lambda env: ["gpu07", "gpu08", "gpu09"])
+    monkeypatch.setattr(launch, "free_ports", lambda n, rng=None: 29611)
+    argv = launch.launch_command("train", "abc", {"gpus": 8, "nodes": 3, "cpus_per_gpu": 4},
+                                 env={"SLURM_JOB_ID": "4242"})
+    assert argv == ["srun", "--nodes=3", "--ntasks=3", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
+                    "--cpus-per-task=32", "--gpus-per-node=8",
+                    "torchrun", "--nnodes=3", "--nproc-per-node=8", "--rdzv-backend=c10d",
+                    "--rdzv-endpoint=gpu07:29611", "--rdzv-id=4242", "--no-python", "dflash", "stage", "train", "abc"]
+    monkeypatch.setattr(launch, "allocation_nodes", lambda env: ["gpu07"])
+    with pytest.raises(RuntimeError, match="asks for 3 nodes"):
+        launch.launch_command("train", "abc", {"gpus": 8, "nodes": 3}, env={"SLURM_JOB_ID": "4242"})
+
+
+def test_allocation_nodes_needs_slurm():
+    with pytest.raises(RuntimeError, match="inside a Slurm allocation"):
+        launch.allocation_nodes({})
+
+
+def test_ray_one_node_script(monkeypatch):
+    monkeypatch.setattr(launch, "dflash_exe", lambda: "dflash")
+    argv = launch.launch_command("train", "abc", {"gpus": 4, "cpus_per_gpu": 2, "launcher": "ray"},
+                                 env={"SLURM_JOB_ID": "77"}, rng=random.Random(0))
+    assert argv[:2] == ["bash", "-c"]
+    script = argv[2]
+    head = next(line for line in script.splitlines() if line.startswith("ray start --head"))
+    opts = dict(o.split("=", 1) for o in shlex.split(head)[3:] if "=" in o)
+    assert opts["--node-ip-address"] == "127.0.0.1" and opts["--num-gpus"] == "4" and opts["--num-cpus"] == "8"
+    assert opts["--temp-dir"].endswith("dflash-ray-77") and "--block" in head
+    ports = [int(opts[f"--{n}"]) for n in launch.RAY_PORT_NAMES]
+    assert len(set(ports)) == len(ports) and int(opts["--min-worker-port"]) > max(ports)
+    assert "srun" not in script and "ray stop" not in script                  # never stop other jobs' Ray
+    last = script.strip().splitlines()[-1]
+    assert last == (f"DFLASH_LAUNCHER=ray DFLASH_RAY_ADDRESS=127.0.0.1:{opts['--port']} DFLASH_RAY_WORKERS=4 "
+                    "dflash stage train abc")
+    assert "trap cleanup EXIT" in script
+    # another job on the same node: its own ports and temp dir
+    other = launch.launch_command("train", "abc", {"gpus": 4, "launcher": "ray"}, env={"SLURM_JOB_ID": "78"},
+                                  rng=random.Random(1))[2]
+    assert "dflash-ray-78" in other and f"--port={opts['--port']} " not in other
+
+
+def test_ray_multi_node_script(monkeypatch):
+    monkeypatch.setattr(launch, "dflash_exe", lambda: "dflash")
+    monkeypatch.setattr(launch, "allocation_nodes", lambda env: ["n1", "n2", "n3"])
+    monkeypatch.setattr(launch.socket, "gethostname", lambda: "n1.cluster")
+    monkeypatch.setattr(launch, "host_ip", lambda host: "10.0.0.1")
+    script = launch.launch_command("train", "k", {"gpus": 8, "nodes": 3, "cpus_per_gpu": 4, "launcher": "ray"},
+                                   env={"SLURM_JOB_ID": "9"}, rng=random.Random(0))[2]
+    head = next(line for line in script.splitlines() if line.startswith("ray start --head"))
+    port = dict(o.split("=", 1) for o in shlex.split(head) if "=" in o)["--port"]
+    worker = next(line for line in script.splitlines() if line.startswith("srun "))
+    assert worker.startswith("srun --nodes=2 --ntasks=2 --ntasks-per-node=1 --exclude=n1 --cpus-per-task=32 "
+                             "--gpus-per-node=8 ray start")
+    assert f"--address=10.0.0.1:{port}" in worker and "--block" in worker and "--head" not in worker
+    assert f"DFLASH_RAY_ADDRESS=10.0.0.1:{port} DFLASH_RAY_WORKERS=24 " in script
+
+
+def _exe(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return path
+
+
+def test_ray_script_runs_and_stops_its_cluster(tmp_path, monkeypatch):
+    """The generated script against a stand-in `ray`: the stage runs once with the Ray variables, then the trap
+    stops the head it started and removes its temp dir, also when the stage fails."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _exe(bin_dir / "ray", f"""#!/usr/bin/env bash
+if [ "$1" = start ]; then
+  for a in "$@"; do case $a in --temp-dir=*) mkdir -p "${{a#--temp-dir=}}";; esac; done
+  echo $$ > {tmp_path}/head.pid; trap 'echo stopped > {tmp_path}/head.stopped; exit 0' TERM
+  while true; do sleep 0.1; done
+fi
+[ "$1" = health-check ] && [ -f {tmp_path}/head.pid ]
+""")
+    stage = _exe(tmp_path / "stage", f"""#!/usr/bin/env bash
+echo "$DFLASH_LAUNCHER $DFLASH_RAY_ADDRESS $DFLASH_RAY_WORKERS $*" >> {tmp_path}/stage.out
+exit ${{STAGE_RC:-0}}
+""")
+    monkeypatch.setattr(launch, "dflash_exe", lambda: str(stage))
+    for rc in (0, 3):
+        for f in ("head.pid", "head.stopped"):
+            (tmp_path / f).unlink(missing_ok=True)
+        temp = tmp_path / f"ray-tmp-{rc}"
+        script = launch.ray_script("train", "abc", 2, 4, base_port=41000, temp_dir=str(temp))
+        proc = subprocess.run(["bash", "-c", script], env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+                                                           "STAGE_RC": str(rc)}, timeout=60)
+        assert proc.returncode == rc
+        assert (tmp_path / "head.stopped").is_file() and not temp.exists()
+    lines = (tmp_path / "stage.out").read_text().splitlines()
+    assert lines == ["ray 127.0.0.1:41000 2 stage train abc"] * 2
+
+
+def test_torchrun_runs_every_rank(tmp_path, monkeypatch):
+    """The one-node torchrun command for real (CPU): each of the N ranks runs the stage command."""
+    if not (BIN / "torchrun").exists():
+        pytest.skip("torchrun not installed")
+    stage = _exe(tmp_path / "stage", f"""#!/usr/bin/env bash
+echo "$RANK/$WORLD_SIZE $*" >> {tmp_path}/ranks.out
+""")
+    monkeypatch.setattr(launch, "dflash_exe", lambda: str(stage))
+    argv = launch.launch_command("train", "abc", {"gpus": 2}, env={})
+    argv[0] = str(BIN / "torchrun")
+    subprocess.run(argv, check=True, capture_output=True, timeout=120)
+    assert sorted((tmp_path / "ranks.out").read_text().splitlines()) == ["0/2 stage train abc", "1/2 stage train abc"]
+
+
+def test_launch_run_execs(monkeypatch, capsys):
+    class Reg:
+        def get(self, stage, key):
+            return type("I", (), {"resources": {"gpus": 8}})()
+
+    seen = []
+    monkeypatch.setattr(launch, "dflash_exe", lambda: "dflash")
+    monkeypatch.setattr(launch.os, "execvp", lambda exe, argv: seen.append(argv))
+    launch.run(Reg(), "train", "abc")
+    assert seen == [["torchrun", "--standalone", "--nnodes=1", "--nproc-per-node=8", "--no-python", "dflash",
+                     "stage", "train", "abc"]]
+    assert "torchrun --standalone" in capsys.readouterr().err
+
+
+# ---- profiles -----------------------------------------------------------------------------------------------------
+
+def test_install_profiles(tmp_path):
+    dest = tmp_path / "snakemake"
+    profiles = ROOT / launch.PROFILES_DIR
+    out = launch.install_profiles(dest, profiles)
+    assert {"local", "slurm"} <= {p.name for p in dest.iterdir()}
+    assert (dest / "slurm").resolve() == (profiles / "slurm").resolve()
+    assert all("unchanged" in line for line in launch.install_profiles(dest, profiles))
+    (dest / "slurm").unlink()
+    (dest / "slurm").symlink_to(tmp_path)                                     # a link to another checkout: repointed
+    launch.install_profiles(dest, profiles)
+    assert (dest / "slurm").resolve() == (profiles / "slurm").resolve()
+    (dest / "local").unlink()
+    (dest / "local").mkdir()                                                  # a user's own profile: left alone
+    with pytest.raises(FileExistsError):
+        launch.install_profiles(dest, profiles)
+    assert out
+
+
+def _need_plugin():
+    try:
+        import snakemake_executor_plugin_slurm  # noqa: F401
+    except ImportError:
+        pytest.skip("snakemake-executor-plugin-slurm is not installed (pip install -e '.[slurm]')")
+
+
+def test_profile_found_by_name_after_install(tmp_path):
+    """`dflash install-profiles` then `snakemake --profile slurm`, literally, in a copy of the repository."""
+    _need_plugin()
+    repo = copy_repo(tmp_path / "repo")
+    e = {**env(), "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    dry = [str(BIN / "snakemake"), "--profile", "slurm", "-n", "smoke"]
+    proc = subprocess.run(dry, cwd=repo, env=e, capture_output=True, text=True)
+    assert proc.returncode != 0                                                  # not found before the install
+    proc = subprocess.run([str(BIN / "dflash"), "install-profiles"], cwd=repo, env=e, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "config" / "snakemake" / "slurm").resolve() == (repo / "workflow/profiles/slurm").resolve()
+    proc = subprocess.run(dry, cwd=repo, env=e, capture_output=True, text=True)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "Using profile slurm " in out
+
+
+# ---- the sbatch arguments of phase_k's train job (mock Slurm) -----------------------------------------------------
+
+MOCK_SBATCH = """#!/usr/bin/env python3
+import json, os, sys
+with open(os.environ["MOCK_SLURM_LOG"], "a") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\\n")
+print("1234")
+"""
+MOCK_STATUS = """#!/usr/bin/env bash
+echo '1234|FAILED'
+"""
+MOCK_SCONTROL = """#!/usr/bin/env bash
+[ "$1 $2" = "show config" ] && echo 'MinJobAge               = 300 sec'
+exit 0
+"""
+MOCK_SACCTMGR = """#!/usr/bin/env bash
+echo ' proj1'
+"""
+
+
+def _mock_slurm(bin_dir: Path) -> None:
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    _exe(bin_dir / "sbatch", MOCK_SBATCH.replace("/usr/bin/env python3", sys.executable))
+    _exe(bin_dir / "squeue", MOCK_STATUS)
+    _exe(bin_dir / "sacct", MOCK_STATUS)
+    _exe(bin_dir / "scontrol", MOCK_SCONTROL)
+    _exe(bin_dir / "sacctmgr", MOCK_SACCTMGR)
+    _exe(bin_dir / "sinfo", "#!/usr/bin/env bash\necho PARTITION; echo 'debug*'\n")
+    for name in ("scancel", "sshare", "srun"):
+        _exe(bin_dir / name, "#!/usr/bin/env bash\nexit 0\n")
+
+
+def _sbatch_options(argv: list[str]) -> dict[str, str]:
+    """sbatch argv as {option: value} ('' for flags), '--wrap' left out."""
+    opts, i = {}, 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--wrap"):
+            break
+        if "=" in a and a.startswith("--"):
+            k, v = a.split("=", 1)
+            opts[k] = v
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+            opts[a] = argv[i + 1]
+            i += 1
+        else:
+            opts[a] = ""
+        i += 1
+    return opts
+
+
+def _submit_train(repo: Path, tmp_path: Path, phase: str, run: str) -> dict[str, str]:
+    """Run `snakemake --profile slurm <train output>` against the mock Slurm; return the train job's sbatch options."""
+    plan = json.loads(dflash(repo, "plan", phase, "--json").stdout)
+    keys = {r["stage"]: r["key"] for r in plan if r["run"] == run and r["stage"] in ("target", "tokenize", "train")}
+    for stage in ("target", "tokenize"):                   # upstream present, so train is the job submitted
+        d = repo / "results" / stage / keys[stage]
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "provenance.json").write_text("{}")
+    log = tmp_path / f"sbatch-{phase}.jsonl"
+    e = {**env(), "MOCK_SLURM_LOG": str(log), "XDG_CONFIG_HOME": str(tmp_path / "config"),
+         "DFLASH_CLUSTER": str(tmp_path / "cluster.yaml")}
+    e["PATH"] = f"{tmp_path / 'mockbin'}{os.pathsep}{e['PATH']}"
+    subprocess.run([str(BIN / "dflash"), "install-profiles"], cwd=repo, env=e, check=True, capture_output=True)
+    proc = subprocess.run([str(BIN / "snakemake"), "--profile", "slurm", "--slurm-init-seconds-before-status-checks",
+                           "1", f"results/train/{keys['train']}/provenance.json"], cwd=repo, env=e,
+                          capture_output=True, text=True, timeout=300)
+    calls = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    assert len(calls) == 1, (proc.stdout + proc.stderr)[-3000:]
+    opts = _sbatch_options(calls[0])
+    assert opts["--comment"] == f"rule_train_wildcards_{keys['train']}"
+    return opts
+
+
+@pytest.fixture
+def mock_slurm_repo(tmp_path):
+    _need_plugin()
+    repo = copy_repo(tmp_path / "repo")
+    _mock_slurm(tmp_path / "mockbin")
+    (tmp_path / "cluster.yaml").write_text("account: proj1\npartition: cpu\ngpu_partition: gpu\ngpu_model: h100\n")
+    return repo
+
+
+def _phase_k(repo: Path) -> None:
+    """phase_k as committed; where it is missing, a stand-in with the same train request (8 GPUs on one node)."""
+    path = repo / "configs" / "phases" / "phase_k.yaml"
+    if not path.is_file():
+        path.write_text("defaults:\n  resources:\n    train: {gpus: 8, nodes: 1, cpus_per_gpu: 8, mem_mb: 512000, "
+                        "runtime: 60}\nruns:\n  R00: {}\ndatasets:\n  - {name: synthetic_math, n: 2}\n")
+
+
+def test_sbatch_args_phase_k_train(mock_slurm_repo, tmp_path):
+    """phase_k's train job: 8 GPUs of one node, 8 CPUs per GPU, 512 GB, 60 min, the GPU partition and account of the
+    cluster file; no --cpus-per-task (it would override --cpus-per-gpu) and no task-per-GPU geometry."""
+    _phase_k(mock_slurm_repo)
+    t0 = time.time()
+    opts = _submit_train(mock_slurm_repo, tmp_path, "phase_k", "R00")
+    assert time.time() - t0 < 120
+    assert opts["--gpus"] == "h100:8"
+    assert opts["--cpus-per-gpu"] == "8"
+    assert opts["--nodes"] == "1"
+    assert opts["--mem"] == "512000"
+    assert opts["-t"] == "60"
+    assert opts["-p"] == "gpu"
+    assert opts["-A"] == "proj1"
+    for absent in ("--cpus-per-task", "--ntasks-per-gpu", "--ntasks", "--gpus-per-node", "--gres"):
+        assert absent not in opts, absent
+
+
+def test_sbatch_args_two_node_train(mock_slurm_repo, tmp_path):
+    """Two nodes: one task per node (the launcher's srun steps), CPUs per task = 8 x CPUs per GPU, GPUs per node."""
+    (mock_slurm_repo / "configs" / "phases" / "two_nodes.yaml").write_text(
+        "defaults:\n  resources:\n    train: {gpus: 8, nodes: 2, cpus_per_gpu: 6, mem_mb: 400000, runtime: 90}\n"
+        "runs:\n  R00: {}\ndatasets:\n  - {name: synthetic_math, n: 2}\n")
+    opts = _submit_train(mock_slurm_repo, tmp_path, "two_nodes", "R00")
+    assert opts["--nodes"] == "2" and opts["--ntasks"] == "2" and opts["--cpus-per-task"] == "48"
+    assert opts["--gpus-per-node"] == "h100:8" and opts["--mem"] == "400000" and opts["-t"] == "90"
+    assert opts["-p"] == "gpu" and opts["-A"] == "proj1"
+    for absent in ("--gpus", "--cpus-per-gpu", "--ntasks-per-gpu"):
+        assert absent not in opts, absent
