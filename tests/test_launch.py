@@ -25,7 +25,7 @@ CLUSTER = {"account": "proj1", "partition": "cpu", "gpu_partition": "gpu", "gpu_
 def test_slurm_resources_cpu_one_node_and_multi_node():
     cpu = launch.slurm_resources({"cpus": 4, "mem_mb": 1000, "runtime": 5}, CLUSTER)
     assert cpu["gpu"] == 0 and cpu["slurm_partition"] == "cpu" and cpu["slurm_account"] == "proj1"
-    assert cpu["cpus_per_gpu"] is None and cpu["cpus_per_task"] is None and cpu["mpi"] is None
+    assert cpu["cpus_per_gpu"] is None and cpu["cpus_per_task"] == 4 and cpu["mpi"] is None
     assert cpu["gpu_model"] is None and cpu["nodes"] == 1 and (cpu["mem_mb"], cpu["runtime"]) == (1000, 5)
 
     one = launch.slurm_resources({"gpus": 8, "cpus_per_gpu": 12}, CLUSTER)
@@ -80,8 +80,10 @@ def test_profile_resource_looks_up_the_stage(monkeypatch):
     assert launch.profile_resource("mem_mb", WC()) == 1234
     assert launch.profile_resource("slurm_partition", None) == "cpu"            # report: no stage key
     assert launch.profile_resource("gpu_model", None) is None
+    assert launch.profile_resource("cpus_per_task", WC()) is None             # would beat cpus_per_gpu
+    assert launch.profile_resource("cpus_per_task", None) == 2                # a CPU job: its `cpus`
     with pytest.raises(ValueError):
-        launch.profile_resource("cpus_per_task", WC())                        # never a profile default
+        launch.profile_resource("slurm_extra", WC())
 
 
 # ---- launch commands ----------------------------------------------------------------------------------------------
@@ -238,9 +240,9 @@ def test_install_profiles(tmp_path):
     assert (dest / "slurm").resolve() == (profiles / "slurm").resolve()
     (dest / "local").unlink()
     (dest / "local").mkdir()                                                  # a user's own profile: left alone
-    with pytest.raises(FileExistsError):
-        launch.install_profiles(dest, profiles)
-    assert out
+    lines = launch.install_profiles(dest, profiles)
+    assert any("left alone" in line for line in lines) and (dest / "local").is_dir()
+    assert not (dest / "local").is_symlink() and out
 
 
 def _need_plugin():
@@ -318,26 +320,31 @@ def _sbatch_options(argv: list[str]) -> dict[str, str]:
     return opts
 
 
-def _submit_train(repo: Path, tmp_path: Path, phase: str, run: str) -> dict[str, str]:
-    """Run `snakemake --profile slurm <train output>` against the mock Slurm; return the train job's sbatch options."""
+def _submit(repo: Path, tmp_path: Path, phase: str, run: str, stage: str, upstream: tuple) -> dict[str, str]:
+    """Run `snakemake --profile slurm <one stage output>` against the mock Slurm, with its upstream outputs in place
+    so that it is the one job submitted; return that job's sbatch options."""
     plan = json.loads(dflash(repo, "plan", phase, "--json").stdout)
-    keys = {r["stage"]: r["key"] for r in plan if r["run"] == run and r["stage"] in ("target", "tokenize", "train")}
-    for stage in ("target", "tokenize"):                   # upstream present, so train is the job submitted
-        d = repo / "results" / stage / keys[stage]
+    keys = {}
+    for r in plan:
+        if r["run"] == run:
+            keys.setdefault(r["stage"], r["key"])          # bench: the first dataset
+    for up in upstream:
+        d = repo / "results" / up / keys[up]
         d.mkdir(parents=True, exist_ok=True)
         (d / "provenance.json").write_text("{}")
-    log = tmp_path / f"sbatch-{phase}.jsonl"
+        os.utime(d / "provenance.json", (1e9, 1e9))      # one old mtime: no upstream looks newer than the next
+    log = tmp_path / f"sbatch-{phase}-{stage}.jsonl"
     e = {**env(), "MOCK_SLURM_LOG": str(log), "XDG_CONFIG_HOME": str(tmp_path / "config"),
          "DFLASH_CLUSTER": str(tmp_path / "cluster.yaml")}
     e["PATH"] = f"{tmp_path / 'mockbin'}{os.pathsep}{e['PATH']}"
     subprocess.run([str(BIN / "dflash"), "install-profiles"], cwd=repo, env=e, check=True, capture_output=True)
     proc = subprocess.run([str(BIN / "snakemake"), "--profile", "slurm", "--slurm-init-seconds-before-status-checks",
-                           "1", f"results/train/{keys['train']}/provenance.json"], cwd=repo, env=e,
+                           "1", f"results/{stage}/{keys[stage]}/provenance.json"], cwd=repo, env=e,
                           capture_output=True, text=True, timeout=300)
     calls = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
     assert len(calls) == 1, (proc.stdout + proc.stderr)[-3000:]
     opts = _sbatch_options(calls[0])
-    assert opts["--comment"] == f"rule_train_wildcards_{keys['train']}"
+    assert opts["--comment"] == f"rule_{stage}_wildcards_{keys[stage]}"
     return opts
 
 
@@ -363,7 +370,7 @@ def test_sbatch_args_phase_k_train(mock_slurm_repo, tmp_path):
     cluster file; no --cpus-per-task (it would override --cpus-per-gpu) and no task-per-GPU geometry."""
     _phase_k(mock_slurm_repo)
     t0 = time.time()
-    opts = _submit_train(mock_slurm_repo, tmp_path, "phase_k", "R00")
+    opts = _submit(mock_slurm_repo, tmp_path, "phase_k", "R00", "train", ("tokenize", "target"))
     assert time.time() - t0 < 120
     assert opts["--gpus"] == "h100:8"
     assert opts["--cpus-per-gpu"] == "8"
@@ -381,9 +388,21 @@ def test_sbatch_args_two_node_train(mock_slurm_repo, tmp_path):
     (mock_slurm_repo / "configs" / "phases" / "two_nodes.yaml").write_text(
         "defaults:\n  resources:\n    train: {gpus: 8, nodes: 2, cpus_per_gpu: 6, mem_mb: 400000, runtime: 90}\n"
         "runs:\n  R00: {}\ndatasets:\n  - {name: synthetic_math, n: 2}\n")
-    opts = _submit_train(mock_slurm_repo, tmp_path, "two_nodes", "R00")
+    opts = _submit(mock_slurm_repo, tmp_path, "two_nodes", "R00", "train", ("tokenize", "target"))
     assert opts["--nodes"] == "2" and opts["--ntasks"] == "2" and opts["--cpus-per-task"] == "48"
     assert opts["--gpus-per-node"] == "h100:8" and opts["--mem"] == "400000" and opts["-t"] == "90"
     assert opts["-p"] == "gpu" and opts["-A"] == "proj1"
     for absent in ("--gpus", "--cpus-per-gpu", "--ntasks-per-gpu"):
         assert absent not in opts, absent
+
+
+def test_sbatch_args_gpu_job_of_another_rule(mock_slurm_repo, tmp_path):
+    """A GPU job of a rule that declares only gpu/mem/runtime (bench) gets its CPUs per GPU, partition and GPU type
+    from the profile's default-resources, and no --cpus-per-task."""
+    (mock_slurm_repo / "configs" / "phases" / "gpu_bench.yaml").write_text(
+        "defaults:\n  resources:\n    bench: {gpus: 1, cpus_per_gpu: 6, mem_mb: 64000, runtime: 30}\n"
+        "runs:\n  R00: {}\ndatasets:\n  - {name: synthetic_math, n: 2}\n")
+    opts = _submit(mock_slurm_repo, tmp_path, "gpu_bench", "R00", "bench", ("convert", "target"))
+    assert opts["--gpus"] == "h100:1" and opts["--cpus-per-gpu"] == "6" and opts["--nodes"] == "1"
+    assert opts["--mem"] == "64000" and opts["-t"] == "30" and opts["-p"] == "gpu" and opts["-A"] == "proj1"
+    assert "--cpus-per-task" not in opts

@@ -85,12 +85,7 @@ def cmd_launch(args) -> int:
 def cmd_install_profiles(args) -> int:
     from dflash import launch
 
-    try:
-        lines = launch.install_profiles(args.dest)
-    except FileExistsError as e:
-        print(f"dflash: error: {e}", file=sys.stderr)
-        return 2
-    for line in lines:
+    for line in launch.install_profiles(args.dest):
         print(line)
     return 0
 

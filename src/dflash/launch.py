@@ -4,13 +4,14 @@ Scheduler request. A stage's `resources` (phase file: gpus per node, nodes, cpus
 the cluster settings (account, partitions, GPU type: `workflow/profiles/slurm/cluster.yaml`, or the file that
 $DFLASH_CLUSTER names) become Snakemake resources, which the Slurm executor plugin turns into sbatch options:
 
+  no GPUs:           cpus_per_task=cpus nodes=1         -> sbatch --cpus-per-task=cpus --nodes=1
   one node, G GPUs:  gpu=G nodes=1 cpus_per_gpu=C      -> sbatch --gpus=[model:]G --nodes=1 --cpus-per-gpu=C
   N > 1 nodes:       mpi tasks=N nodes=N cpus_per_task -> sbatch --nodes=N --ntasks=N --cpus-per-task=C*G
                      slurm_extra=--gpus-per-node=G        --gpus-per-node=[model:]G
                      (the `mpi` resource keeps the plugin from wrapping the job in `srun -n1`; the launcher below
                      starts its own job step on every node)
 
-cpus_per_task is only ever set for multi-node jobs: the plugin lets it win over cpus_per_gpu.
+cpus_per_task is never set for a job with cpus_per_gpu: the plugin would let it win.
 
 Inside the allocation (`dflash launch <stage> <key>`):
 
@@ -45,8 +46,8 @@ CLUSTER_ENV = "DFLASH_CLUSTER"
 CLUSTER_KEYS = ("account", "partition", "gpu_partition", "gpu_model", "qos", "constraint")
 
 # Snakemake resources that the slurm profile's default-resources fill from here, for rules that do not set them.
-PROFILE_RESOURCES = ("slurm_account", "slurm_partition", "qos", "constraint", "gpu_model", "cpus_per_gpu", "nodes",
-                     "mem_mb", "runtime")
+PROFILE_RESOURCES = ("slurm_account", "slurm_partition", "qos", "constraint", "gpu_model", "cpus_per_gpu",
+                     "cpus_per_task", "nodes", "mem_mb", "runtime")
 
 RAY_PORT_NAMES = ("port", "ray-client-server-port", "node-manager-port", "object-manager-port",
                   "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
@@ -117,6 +118,8 @@ def slurm_resources(res: dict | None, cluster: dict | None = None) -> dict:
             out["slurm_extra"] = f"--gpus-per-node={model + ':' if model else ''}{gpus}"
     elif gpus:
         out.update(gpu=gpus, cpus_per_gpu=r["cpus_per_gpu"], gpu_model=model)
+    else:
+        out["cpus_per_task"] = r["cpus"]
     return out
 
 
@@ -321,7 +324,8 @@ def snakemake_config_dir() -> Path:
 def install_profiles(dest: Path | None = None, profiles_dir: Path = PROFILES_DIR) -> list[str]:
     """Link each profile of this checkout (workflow/profiles/NAME) as DEST/NAME, so `--profile NAME` finds it.
 
-    An existing link is repointed; an existing file or directory is left alone (an error names it)."""
+    An existing link is repointed; an existing file or directory (a profile of the user's own) is left alone and
+    reported in the returned lines."""
     dest = Path(dest) if dest is not None else snakemake_config_dir()
     profiles = sorted(p for p in Path(profiles_dir).iterdir() if (p / "config.yaml").is_file())
     if not profiles:
@@ -337,8 +341,9 @@ def install_profiles(dest: Path | None = None, profiles_dir: Path = PROFILES_DIR
                 continue
             link.unlink()
         elif link.exists():
-            raise FileExistsError(f"{link} exists and is not a link; move it away or use "
-                                  f"`snakemake --profile {src} ...` instead")
+            done.append(f"{link} exists and is not a link, left alone: use `snakemake --profile {src}` "
+                        f"(or move {link} away and run this again)")
+            continue
         link.symlink_to(target, target_is_directory=True)
         done.append(f"{link} -> {target}")
     return done

@@ -1,0 +1,123 @@
+"""The smoke phase through `snakemake --profile slurm` on a real Slurm cluster (marked `slurm`).
+
+Every job must go through sbatch (Slurm writes one log per job), and the run must end with the same stage keys and
+the same tau table as the local smoke run. `.ci/run` starts a one-node cluster (no accounting, so job status comes
+from squeue as the profile says) where it runs as root with apt; elsewhere the test skips.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, copy_repo, dflash, env
+
+pytestmark = pytest.mark.slurm
+
+SUBMITTED = re.compile(r"Job (\d+) has been submitted with SLURM jobid (\d+) \(log: (\S+)\)")
+
+
+def _slurm_up() -> str | None:
+    """None if a Slurm controller answers and has a usable node, else why not."""
+    if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
+        return "no Slurm client (sbatch, sinfo) on PATH"
+    try:
+        import snakemake_executor_plugin_slurm  # noqa: F401
+    except ImportError:
+        return "snakemake-executor-plugin-slurm is not installed (pip install -e '.[slurm]')"
+    proc = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
+    if proc.returncode != 0:
+        return f"no Slurm controller answers: {proc.stderr.strip()[:200]}"
+    if not {"idle", "mixed", "allocated"} & set(proc.stdout.split()):
+        return f"no usable Slurm node (states: {proc.stdout.split()})"
+    return None
+
+
+@pytest.fixture(scope="module")
+def slurm_run(tmp_path_factory):
+    why = _slurm_up()
+    if why:
+        pytest.skip(f"{why}; .ci/run starts a one-node cluster where it runs as root with apt")
+    base = tmp_path_factory.mktemp("slurm")
+    repo = copy_repo(base / "repo")
+    e = {**env(), "XDG_CONFIG_HOME": str(base / "config")}
+    subprocess.run([str(BIN / "dflash"), "install-profiles"], cwd=repo, env=e, check=True, capture_output=True)
+    t0 = time.time()
+    proc = subprocess.run([str(BIN / "snakemake"), "--profile", "slurm", "smoke",
+                           "--slurm-init-seconds-before-status-checks", "1", "--slurm-keep-successful-logs"],
+                          cwd=repo, env=e, capture_output=True, text=True, timeout=1800)
+    out = proc.stdout + proc.stderr
+    (base / "snakemake.log").write_text(out)
+    assert proc.returncode == 0, out[-4000:]
+    return repo, out, time.time() - t0
+
+
+def _job_counts(out: str) -> dict[str, int]:
+    jobs, table = {}, False
+    for line in out.splitlines():
+        parts = line.split()
+        if parts[:2] == ["job", "count"]:
+            table = True
+        elif table and len(parts) == 2 and parts[1].isdigit():
+            if parts[0] == "total":
+                break
+            jobs[parts[0]] = int(parts[1])
+    return jobs
+
+
+def test_every_job_went_through_sbatch(slurm_run):
+    repo, out, seconds = slurm_run
+    print(f"smoke through Slurm: {seconds:.0f} s")
+    counts = _job_counts(out)
+    assert counts.pop("smoke") == 1                                    # the phase target is a local rule
+    submitted = SUBMITTED.findall(out)
+    assert len(submitted) == sum(counts.values()), (counts, submitted)
+    assert len({jobid for _, jobid, _ in submitted}) == len(submitted)
+    by_rule: dict[str, int] = {}
+    for _, jobid, log in submitted:
+        log = Path(log)
+        assert log.is_file() and log.name == f"{jobid}.log"           # written by Slurm for this job id
+        rule = log.parent.parent.name.removeprefix("rule_")
+        by_rule[rule] = by_rule.get(rule, 0) + 1
+        text = log.read_text()
+        assert f"localrule {rule}:" in text and f"(Rule: {rule})" in text, text[-2000:]
+    assert by_rule == counts
+
+
+def _plan(repo: Path) -> list[tuple]:
+    rows = json.loads(dflash(repo, "plan", "smoke", "--json").stdout)
+    assert all(r["exists"] for r in rows)
+    return sorted((r["run"], r["stage"], r.get("dataset", ""), r["key"]) for r in rows)
+
+
+def _table(repo: Path, name: str) -> tuple[list[str], dict[tuple, dict]]:
+    with open(repo / "results" / "reports" / "smoke" / "tables" / name) as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    key_cols = [c for c in ("run", "dataset") if c in reader.fieldnames]
+    return reader.fieldnames, {tuple(r[c] for c in key_cols): r for r in rows}
+
+
+def test_same_keys_and_tables_as_local(slurm_run, smoke_repo):
+    repo, _, _ = slurm_run
+    assert _plan(repo) == _plan(smoke_repo)
+    stage_dirs = {p.parent.relative_to(repo / "results").as_posix()
+                  for p in (repo / "results").glob("*/*/provenance.json")}
+    assert stage_dirs == {p.parent.relative_to(smoke_repo / "results").as_posix()
+                          for p in (smoke_repo / "results").glob("*/*/provenance.json")}
+    for name in ("tau.csv", "speedup.csv", "training.csv"):
+        cols, rows = _table(repo, name)
+        local_cols, local_rows = _table(smoke_repo, name)
+        assert cols == local_cols and rows.keys() == local_rows.keys(), name
+    _, rows = _table(repo, "tau.csv")
+    _, local_rows = _table(smoke_repo, "tau.csv")
+    for k, row in rows.items():                                       # deterministic on CPU: equal, not close
+        for col in ("tau", "tau_token_weighted", "tau_no_bonus", "n_requests"):
+            assert row[col] == local_rows[k][col], (k, col)
