@@ -194,6 +194,11 @@ class Auditor:
                 self.problem(tdir / "metrics.jsonl", f"cannot read the training metrics: {e!r}")
                 continue
             self.check_train(tdir, train, metrics)
+            if run in self.ph.runs and train.get("global_batch") not in (None,
+                                                                        rep.planned_global_batch(self.ph.runs[run])):
+                self.problem(tdir / "summary.json", f"run {run} trained with global batch {train['global_batch']}, "
+                             f"its config plans {rep.planned_global_batch(self.ph.runs[run])} (micro batch x accum x "
+                             "training GPUs): its schedule is not the one the config states")
             if ok:
                 data[run] = {"kind": "run", "config": self.ph.runs.get(run, {}), "bench": bench,
                              "bench_keys": dict(keys["bench"]), "train_key": keys["train"], "train": train,
@@ -271,22 +276,34 @@ class Auditor:
                                    f"{len(chosen)} per-dataset rows ({mean:.4f})")
 
     def affected_rows(self, tables: dict[str, list[dict]], runs: dict[str, dict]) -> None:
-        """Name, for every problem in a stage directory, the table rows whose provenance chain contains it."""
-        run_deps = {run: set().union(*(self.deps.get(("bench", k), set()) for k in keys["bench"].values()),
-                                     self.deps.get(("train", keys["train"]), set()))
-                    for run, keys in runs.items()}
+        """Name, for every problem in a stage directory, the table rows whose provenance chain contains it: a
+        per-dataset row depends on its bench (and everything below it), a family mean or overall on the benches it
+        averages, a training row on its train stage."""
+        def below(stage: str, key: str) -> set:
+            return self.deps.get((stage, key), set())
+
+        def family_deps(run: str, fam: str) -> set:
+            keys = runs.get(run, {}).get("bench", {})
+            return set().union(*(below("bench", k) for ds, k in keys.items() if fam == "overall"
+                                 or rep.family(ds) == fam))
+
         row_deps = []
         for name, rows in tables.items():
             for r in rows:
-                src = str(r.get("source", ""))
-                stage, _, key = src.partition("/")
-                deps = self.deps.get((stage, key)) if stage in STAGES else None
-                if deps is None:
-                    deps = run_deps.get(r.get("run", ""), set())
+                stage, _, key = str(r.get("source", "")).partition("/")
+                run, ds = r.get("run", ""), r.get("dataset", "")
+                if stage in STAGES and KEY.match(key):
+                    deps = below(stage, key)
+                elif ds in runs.get(run, {}).get("bench", {}):
+                    deps = below("bench", runs[run]["bench"][ds])
+                elif r.get("family"):
+                    deps = family_deps(run, r["family"])
+                else:
+                    deps = set()
                 row_deps.append((f"{name}.csv[{'/'.join(str(r.get(k, '')) for k in ROW_KEYS[name])}]", deps))
+        base = RESULTS.parts
         for p in self.result.problems:
             parts = Path(p.path).parts
-            base = RESULTS.parts
             if len(parts) > len(base) + 1 and parts[:len(base)] == base and parts[len(base)] in STAGES:
                 ident = (parts[len(base)], parts[len(base) + 1])
                 p.rows = [label for label, deps in row_deps if ident in deps]

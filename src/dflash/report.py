@@ -441,7 +441,8 @@ def markdown(ph: Phase, data: dict, t: dict[str, list[dict]]) -> str:
     parts += [
         "## Deltas to references (tau, per family and overall over the datasets both report)",
         _md_table(delta_rows, ["run", "dataset", "n_datasets", "value", "reference", "delta", "ratio", "label",
-                               "source"]) if delta_rows else "No reference covers this phase's target and datasets.",
+                               "role", "source"])
+        if delta_rows else "No reference covers this phase's target and datasets.",
         "Per dataset and for the speedups: `tables/deltas.csv`.",
         "## Acceptance length per run and dataset",
         _md_table(t["tau"], ["run", "dataset", "tau", "tau_token_weighted", "n_requests", "backend", "hardware",
