@@ -6,6 +6,7 @@ CPU. Query q belongs to block q // block_size; keys are [target context (S); blo
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -99,6 +100,24 @@ def block_loss(logits: torch.Tensor, blocks: Blocks, block_size: int) -> dict:
             "counted": counted.sum().detach(), "per_k_correct": per_k_c.detach(), "per_k_counted": per_k_n.detach()}
 
 
+def _ce_chunk(h, weight, y, coef):
+    """(sum of coef * CE, argmax == y, d loss / d h) for one chunk of rows."""
+    logits = (h @ weight.T).float()
+    lse = torch.logsumexp(logits, -1)
+    c = coef.float()
+    loss = ((lse - logits.gather(1, y[:, None]).squeeze(1)) * c).sum()
+    probs = torch.exp(logits - lse[:, None])
+    probs.scatter_add_(1, y[:, None], -torch.ones_like(probs[:, :1]))
+    grad = ((probs * c[:, None]).to(weight.dtype) @ weight).to(h.dtype)
+    return loss, logits.argmax(-1) == y, grad
+
+
+@functools.cache
+def _compiled_chunk():
+    """On GPU the elementwise work over the (chunk, vocab) logits is fused by the compiler (one compile per shape)."""
+    return torch.compile(_ce_chunk, dynamic=False)
+
+
 class _FusedLinearCE(torch.autograd.Function):
     """sum_i coef_i * CE(h_i @ W^T, y_i) for a frozen W, one chunk of logits at a time.
 
@@ -111,16 +130,11 @@ class _FusedLinearCE(torch.autograd.Function):
         grad = torch.empty_like(h)
         loss = torch.zeros((), device=h.device, dtype=torch.float32)
         correct = torch.empty(h.shape[0], dtype=torch.bool, device=h.device)
+        step = _compiled_chunk() if h.is_cuda else _ce_chunk
         for a in range(0, h.shape[0], chunk):
-            logits = (h[a:a + chunk] @ weight.T).float()
-            lse = torch.logsumexp(logits, -1)
-            y = labels[a:a + chunk]
-            c = coef[a:a + chunk].float()
-            loss += ((lse - logits.gather(1, y[:, None]).squeeze(1)) * c).sum()
-            correct[a:a + chunk] = logits.argmax(-1) == y
-            probs = torch.softmax(logits, -1)
-            probs.scatter_add_(1, y[:, None], -torch.ones_like(probs[:, :1]))
-            grad[a:a + chunk] = ((probs * c[:, None]).to(weight.dtype) @ weight).to(h.dtype)
+            part_loss, correct[a:a + chunk], grad[a:a + chunk] = step(h[a:a + chunk], weight, labels[a:a + chunk],
+                                                                      coef[a:a + chunk])
+            loss += part_loss
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(correct)
         return loss, correct

@@ -78,8 +78,10 @@ def init_distributed() -> tuple[int, int, str]:
 
 
 def shard(drafter: DFlashDrafter, device: str, world: int) -> None:
-    """FSDP2 with one unit per decoder layer; bf16 compute on GPU, fp32 master weights and reductions."""
-    if world == 1:
+    """FSDP2 with one unit per decoder layer; bf16 compute on GPU, fp32 master weights and reductions.
+
+    On GPU this applies to a single rank too: the bf16 copy of each layer then exists only while it runs."""
+    if world == 1 and device != "cuda":
         return
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -189,7 +191,7 @@ class Tracker:
             try:
                 import wandb
             except ImportError:
-                raise ImportError("logging.wandb is set but wandb is not installed: pip install -e '.[wandb]'") from None
+                raise ImportError("logging.wandb is set but wandb is missing: pip install -e '.[wandb]'") from None
             phase, run = logging.get("phase", "dflash"), logging.get("run", "run")
             self.wandb = wandb.init(project=logging.get("wandb_project") or f"dflash-{phase}", name=f"{phase}/{run}",
                                     mode=logging["wandb"], config=config, resume="allow")
@@ -235,7 +237,7 @@ def _attention(device: str, mode: str):
         b, n = anchors.shape
         q_len = n * block_size
         bm = create_block_mask(objective.mask_mod_for(anchors, ctx_len, block_size), b, None, q_len, ctx_len + q_len,
-                               device=device)
+                               device=device, _compile=True)
         return lambda q, k, v: compiled(q, k, v, block_mask=bm, enable_gqa=True)
 
     return make
@@ -319,7 +321,7 @@ def train(cfg: dict, out: Path, upstream: dict[str, Path], work: Path, log=print
         for micro in range(tc["grad_accum"]):
             first = ((step * tc["grad_accum"] + micro) * world + rank) * per_rank
             ids, lmask, lens = (t.to(device) for t in data.get(list(range(first, first + per_rank)), pad, width))
-            if world > 1:
+            if hasattr(drafter, "set_requires_gradient_sync"):
                 drafter.set_requires_gradient_sync(micro == tc["grad_accum"] - 1)
             res = train_step_loss(target, drafter, mcfg, ids, lmask, lens, tc, gen, make_attend, embed, lm_weight)
             (res["loss"] / tc["grad_accum"]).backward()
@@ -378,7 +380,7 @@ def train(cfg: dict, out: Path, upstream: dict[str, Path], work: Path, log=print
 
 
 def _full_state_dict(drafter, world: int) -> dict:
-    if world == 1:
+    if not hasattr(drafter, "set_requires_gradient_sync"):      # not sharded
         return {k: v.detach().cpu() for k, v in drafter.state_dict().items()}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
