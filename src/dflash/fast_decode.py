@@ -287,7 +287,8 @@ class FastDecoder:
         if needed + 2 * self.bs + 1 > self.L:
             self._alloc(needed)
 
-    def _ctx(self):
+    def sdpa_context(self):
+        """The attention-kernel choice every forward of this decoder runs under (a no-op off CUDA)."""
         if self.dev.type != "cuda":
             return contextlib.nullcontext()
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -384,7 +385,7 @@ class FastDecoder:
         """Eager target prefill at positions 0..P-1: (last-position logits (1, 1, V), features (1, P, n*H))."""
         self.ensure(len(prompt_ids))
         ids = torch.tensor([prompt_ids], device=self.dev)
-        with self._ctx():
+        with self.sdpa_context():
             return self._target_forward(ids, torch.arange(ids.shape[1], device=self.dev), bool(self.feat_ids),
                                         True, False)
 
@@ -393,7 +394,7 @@ class FastDecoder:
         """One verify step of `block_ids` (B,) at positions start..start+B-1; returns a copy of its logits (B, V)."""
         self.verify_ids.copy_(torch.tensor(block_ids, device=self.dev))
         self.start_t.fill_(start)
-        with self._ctx():
+        with self.sdpa_context():
             self.verify_step()
         return self.logits_v.clone()
 
@@ -412,7 +413,7 @@ class FastDecoder:
         t1 = time.perf_counter()
         self.start_t.fill_(len(prompt_ids))
         self.tok_t.copy_(tok.view(1))
-        with self._ctx():
+        with self.sdpa_context():
             while len(tokens) < max_new_tokens and tokens[-1] not in eos:
                 self.target_step()
                 tok = _pick(self.logits_1[0], temperature, generator)
@@ -424,9 +425,12 @@ class FastDecoder:
 
     @torch.no_grad()
     def dflash_generate(self, prompt_ids: list[int], max_new_tokens: int, eos: set[int], temperature: float = 0.0,
-                        generator=None, propose=None) -> Generation:
+                        generator=None, propose=None, force=None) -> Generation:
         """DFlash decoding (same contract as spec_decode.dflash_generate). `propose(tokens, start, pending, bs)`
         replaces the drafter (pending: the target features of the context not yet shown to a drafter).
+        `force(tokens, start, drafts, bs) -> (bs-1,) ids` lets the drafter run (cost and cache bookkeeping as
+        usual) and then replaces its proposal `drafts` (a device tensor) before verification: forced acceptance
+        patterns for checks and benchmarks.
 
         prefill_s includes the drafter's ingestion of the prompt context (the eager engine counts its first draft
         call, which does that, as decode time)."""
@@ -438,7 +442,7 @@ class FastDecoder:
         t0 = time.perf_counter()
         logits, feats = self.prefill(prompt_ids)
         tokens = [int(_pick(logits[0, -1], temperature, generator))]
-        with self._ctx():
+        with self.sdpa_context():
             if propose is None:
                 self._ingest(feats)
         pending = feats
@@ -450,10 +454,12 @@ class FastDecoder:
         self.verify_ids[:1].fill_(tokens[-1])
         if self.has_drafter:
             self.nctx_t.fill_(0)                              # the prompt context is already in the draft cache
-        with self._ctx():
+        with self.sdpa_context():
             while len(tokens) < max_new_tokens and not eos.intersection(tokens[-bs:]):
                 if propose is None:
                     self.draft_step()
+                    if force is not None:
+                        self.verify_ids[1:].copy_(force(tokens, start, self.verify_ids[1:], bs).view(-1))
                 else:
                     self.verify_ids[1:].copy_(propose(tokens, start, pending, bs).view(-1))
                 self.verify_step()
@@ -516,7 +522,7 @@ def fast_target_generate(target, prompt_ids: list[int], max_new_tokens: int, eos
 
 def fast_dflash_generate(target, drafter, prompt_ids: list[int], max_new_tokens: int, eos: set[int],
                          temperature: float = 0.0, block_size: int | None = None, generator=None, propose=None,
-                         graphs: bool | None = None, compile: bool = False) -> Generation:
-    """Drop-in for spec_decode.dflash_generate on the fast path."""
+                         force=None, graphs: bool | None = None, compile: bool = False) -> Generation:
+    """Drop-in for spec_decode.dflash_generate on the fast path (`force`: see FastDecoder.dflash_generate)."""
     dec = get_decoder(target, drafter, block_size, len(prompt_ids) + max_new_tokens, graphs, compile)
-    return dec.dflash_generate(prompt_ids, max_new_tokens, eos, temperature, generator, propose)
+    return dec.dflash_generate(prompt_ids, max_new_tokens, eos, temperature, generator, propose, force)
