@@ -192,10 +192,11 @@ class FastDecoder:
     """Static-cache decoder for one target (and optionally one DFlash drafter), batch 1.
 
     `graphs`: capture the fixed-shape steps as CUDA graphs (default: on CUDA). `compile`: torch.compile the
-    per-layer pieces of the fixed-shape steps (elementwise fusion; GEMMs and attention stay library calls)."""
+    per-layer pieces of the fixed-shape steps (elementwise fusion; GEMMs and attention stay library calls); a dict
+    is passed on to torch.compile (e.g. {"backend": "eager"} to check tracing only)."""
 
     def __init__(self, target, drafter=None, max_len: int = 2048, block_size: int | None = None,
-                 graphs: bool | None = None, compile: bool = False):
+                 graphs: bool | None = None, compile: bool | dict = False):
         cfg = target.config
         if getattr(cfg, "model_type", None) not in SUPPORTED_TARGETS:
             raise NotImplementedError(f"fast path supports {SUPPORTED_TARGETS}, not {cfg.model_type!r}")
@@ -246,7 +247,7 @@ class FastDecoder:
             for name in ("recompile_limit", "cache_size_limit"):
                 if hasattr(dyn, name):
                     setattr(dyn, name, max(getattr(dyn, name), 64))
-            opts = dict(dynamic=False, fullgraph=True)
+            opts = {"dynamic": False, "fullgraph": True, **(compile if isinstance(compile, dict) else {})}
             self._pre_s = torch.compile(_pre_attn, **opts)
             self._post_s = torch.compile(_post_attn, **opts)
             self._ctx_s = torch.compile(_ctx_kv, **opts)
@@ -496,10 +497,11 @@ def clear_decoders() -> None:
 
 
 def get_decoder(target, drafter=None, block_size: int | None = None, max_len: int = 2048,
-                graphs: bool | None = None, compile: bool = False) -> FastDecoder:
+                graphs: bool | None = None, compile: bool | dict = False) -> FastDecoder:
     """The cached FastDecoder for (target, drafter, block size, graphs, compile), grown to `max_len` if needed."""
     bs = block_size or (drafter.config.block_size if drafter is not None else 16)
-    key = (id(target), None if drafter is None else id(drafter), bs, graphs, compile)
+    key = (id(target), None if drafter is None else id(drafter), bs, graphs,
+           tuple(sorted(compile.items())) if isinstance(compile, dict) else compile)
     dec = _DECODERS.get(key)
     if dec is not None and (dec.target_ref() is not target
                             or (dec.drafter_ref() if dec.drafter_ref else None) is not drafter):
