@@ -536,7 +536,11 @@ def main(argv=None) -> int:
         f"{REFERENCE['draft_ms']:>10.2f}{REFERENCE['verify_ms']:>11.2f}")
     for k, v in ratios.items():
         log(f"speed-up {k}: target-only x{v['target_ms_per_token']:.2f}, DFlash step x{v['dflash_ms_per_step']:.2f}")
-    if best is not None:
+    met = None
+    if best is not None and (args.tiny or dev.type != "cuda"):
+        log(f"goal (DFlash step <= {REFERENCE['goal_dflash_ms_per_step']} ms) applies to Qwen3-8B shapes on an H200: "
+            f"not evaluated here; break-even tau for {best['name']} = {best['step_over_target_token']:.2f}")
+    elif best is not None:
         met = best["dflash_ms_per_step"] <= REFERENCE["goal_dflash_ms_per_step"]
         log(f"goal: DFlash step <= {REFERENCE['goal_dflash_ms_per_step']} ms on the H200: best "
             f"{best['name']} {best['dflash_ms_per_step']:.2f} ms ({'met' if met else 'NOT met'} on {gpu}); "
@@ -551,8 +555,8 @@ def main(argv=None) -> int:
         f"{elapsed:.0f}s total)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({**info, "ok": ok, "variants": rows, "ratios": ratios, "checks": checks,
-                                         "elapsed_s": elapsed}, indent=1, default=float))
+        args.json.write_text(json.dumps({**info, "ok": ok, "variants": rows, "ratios": ratios, "meets_goal": met,
+                                         "checks": checks, "elapsed_s": elapsed}, indent=1, default=float))
         log(f"wrote {args.json}")
     return 0 if ok else 1
 
