@@ -1,7 +1,11 @@
+from dflash.references import TABLE as REFERENCES_TABLE
+
+
 rule report:
     """Tables, figures and report.md of one phase, from the raw bench records and training metrics."""
     input:
         report_inputs,
+        references=str(REFERENCES_TABLE),
     output:
         md=report(
             "results/reports/{phase}/report.md", caption="../workflow/report/report.rst", category="Report"
