@@ -83,6 +83,8 @@ def shard(drafter: DFlashDrafter, device: str, world: int) -> None:
     On GPU this applies to a single rank too: the bf16 copy of each layer then exists only while it runs."""
     if world == 1 and device != "cuda":
         return
+    if not dist.is_initialized():                  # one GPU: a single-rank group in memory, for the device mesh
+        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -277,7 +279,7 @@ def train(cfg: dict, out: Path, upstream: dict[str, Path], work: Path, log=print
     device = torch.device(device_name, torch.cuda.current_device()) if device_name == "cuda" else torch.device("cpu")
     target, tokenizer = load_target(upstream["target"], device, torch.bfloat16 if device_name == "cuda"
                                     else torch.float32)
-    mcfg = DrafterConfig.for_target(target.config, dc, mask_token_id(tokenizer))
+    mcfg = DrafterConfig.for_target(target.config, dc, mask_token_id(tokenizer, dc.get("mask_token")))
     drafter = DFlashDrafter(mcfg)
     drafter.init_weights(dc["init_seed"])
     drafter.to(device)
