@@ -131,8 +131,10 @@ def test_ray_one_node_script(monkeypatch):
     opts = dict(o.split("=", 1) for o in shlex.split(head)[3:] if "=" in o)
     assert opts["--node-ip-address"] == "127.0.0.1" and opts["--num-gpus"] == "4" and opts["--num-cpus"] == "8"
     assert opts["--temp-dir"].endswith("dflash-ray-77") and "--block" in head
-    ports = [int(opts[f"--{n}"]) for n in launch.RAY_PORT_NAMES]
+    ports = [int(opts[f"--{n}"]) for n in launch.RAY_PORT_NAMES if f"--{n}" in opts]
+    assert len(ports) >= len(launch.RAY_PORT_NAMES) - 1                     # the client port only with ray[client]
     assert len(set(ports)) == len(ports) and int(opts["--min-worker-port"]) > max(ports)
+    assert ("--ray-client-server-port" in opts) == launch.ray_client_installed()
     assert "srun" not in script and "ray stop" not in script                  # never stop other jobs' Ray
     last = script.strip().splitlines()[-1]
     assert last == (f"DFLASH_LAUNCHER=ray DFLASH_RAY_ADDRESS=127.0.0.1:{opts['--port']} DFLASH_RAY_WORKERS=4 "
@@ -406,3 +408,39 @@ def test_sbatch_args_gpu_job_of_another_rule(mock_slurm_repo, tmp_path):
     assert opts["--gpus"] == "h100:1" and opts["--cpus-per-gpu"] == "6" and opts["--nodes"] == "1"
     assert opts["--mem"] == "64000" and opts["-t"] == "30" and opts["-p"] == "gpu" and opts["-A"] == "proj1"
     assert "--cpus-per-task" not in opts
+
+
+def test_ray_script_with_real_ray(tmp_path, monkeypatch):
+    """The one-node Ray script with the installed Ray: the head comes up on this job's ports, the stage connects
+    through DFLASH_RAY_ADDRESS and runs a task, and on exit no process of this cluster is left."""
+    if not (BIN / "ray").exists():
+        pytest.skip("Ray is not installed (pip install -e '.[ray]')")
+    stage = _exe(tmp_path / "stage", f"""#!{sys.executable}
+import os, ray
+ray.init(address=os.environ["DFLASH_RAY_ADDRESS"])
+print("task", ray.get(ray.remote(lambda: 42).remote()), os.environ["DFLASH_RAY_WORKERS"])
+""")
+    monkeypatch.setattr(launch, "dflash_exe", lambda: str(stage))
+    temp = Path(launch.ray_temp_dir(f"test{os.getpid()}"))                   # Ray's socket paths must stay short
+    script = launch.ray_script("train", "abc", 0, 1, base_port=launch.free_ports(80), temp_dir=str(temp),
+                               client=launch.ray_client_installed())
+    proc = subprocess.Popen(["bash", "-c", script], env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 15)
+            proc.wait()
+    assert proc.returncode == 0, err[-3000:]
+    assert "task 42 1" in out
+    assert not temp.exists()
+    left = subprocess.run(["pgrep", "-f", str(temp)], capture_output=True, text=True).stdout.split()
+    assert not left, left
+
+
+def test_ray_temp_dir_stays_short(monkeypatch):
+    monkeypatch.setattr(launch.tempfile, "gettempdir", lambda: "/scratch/" + "x" * 60)
+    assert len(launch.ray_temp_dir("123456789")) <= 44
+    monkeypatch.setattr(launch.tempfile, "gettempdir", lambda: "/tmp")
+    assert launch.ray_temp_dir("12") == "/tmp/dflash-ray-12"

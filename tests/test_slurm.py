@@ -7,11 +7,13 @@ from squeue as the profile says) where it runs as root with apt; elsewhere the t
 
 from __future__ import annotations
 
+import ast
 import csv
 import json
 import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -121,3 +123,40 @@ def test_same_keys_and_tables_as_local(slurm_run, smoke_repo):
     for k, row in rows.items():                                       # deterministic on CPU: equal, not close
         for col in ("tau", "tau_token_weighted", "tau_no_bonus", "n_requests"):
             assert row[col] == local_rows[k][col], (k, col)
+
+
+def test_torchrun_launch_inside_a_gpu_allocation(tmp_path):
+    """What the train rule runs for `gpus: 2`, inside a real 2-GPU allocation and with the environment the executor's
+    job step leaves (SLURM_* stripped but the job id): one rank per GPU, both GPUs visible to every rank; and the
+    node list that a multi-node launch needs still comes from scontrol."""
+    why = _slurm_up()
+    if why:
+        pytest.skip(f"{why}; .ci/run starts a one-node cluster where it runs as root with apt")
+    gres = subprocess.run(["sinfo", "-h", "-o", "%G"], capture_output=True, text=True).stdout
+    if "gpu" not in gres:
+        pytest.skip(f"the cluster has no GPU GRES ({gres.strip()})")
+    stub = tmp_path / "stage"
+    stub.write_text("#!/usr/bin/env bash\n"
+                    f'echo "$RANK/$WORLD_SIZE gpus=$CUDA_VISIBLE_DEVICES $*" >> {tmp_path}/ranks\n')
+    stub.chmod(0o755)
+    job = tmp_path / "job.py"
+    job.write_text(f"""import os, subprocess
+from dflash import launch
+keep = {{"SLURM_JOB_ID", "SLURM_JOBID", "SLURM_CLUSTER_NAME", "SLURM_SUBMIT_DIR", "SLURM_SUBMIT_HOST"}}
+env = {{k: v for k, v in os.environ.items() if not k.startswith("SLURM_") or k in keep}}
+print("nodes", launch.allocation_nodes(env))
+launch.dflash_exe = lambda: {str(stub)!r}
+argv = launch.launch_command("train", "k", {{"gpus": 2, "cpus_per_gpu": 1}}, env=env)
+argv[0] = {str(BIN / "torchrun")!r}
+subprocess.run(argv, env={{**env, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "")}}, check=True)
+""")
+    out = tmp_path / "job.out"
+    proc = subprocess.run(["sbatch", "--parsable", "--wait", "-o", str(out), "--gpus=2", "--nodes=1",
+                           "--cpus-per-gpu=1", "--mem", "2000", "-t", "10", "--wrap",
+                           f"{sys.executable} {job}"], capture_output=True, text=True, timeout=600, env=env())
+    log = out.read_text() if out.is_file() else ""
+    assert proc.returncode == 0, proc.stderr + log
+    nodes = next(line for line in log.splitlines() if line.startswith("nodes "))
+    assert len(ast.literal_eval(nodes[len("nodes "):])) == 1, log                # the one node of this allocation
+    assert sorted((tmp_path / "ranks").read_text().splitlines()) == ["0/2 gpus=0,1 stage train k",
+                                                                    "1/2 gpus=0,1 stage train k"]

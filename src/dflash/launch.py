@@ -49,9 +49,10 @@ CLUSTER_KEYS = ("account", "partition", "gpu_partition", "gpu_model", "qos", "co
 PROFILE_RESOURCES = ("slurm_account", "slurm_partition", "qos", "constraint", "gpu_model", "cpus_per_gpu",
                      "cpus_per_task", "nodes", "mem_mb", "runtime")
 
-RAY_PORT_NAMES = ("port", "ray-client-server-port", "node-manager-port", "object-manager-port",
+RAY_PORT_NAMES = ("port", "ray-client-server-port", "dashboard-port", "node-manager-port", "object-manager-port",
                   "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
                   "runtime-env-agent-port")
+RAY_HEAD_ONLY = ("port", "ray-client-server-port", "dashboard-port")
 RAY_WORKER_PORTS = 64          # per-job range of ports for Ray worker processes
 RAY_START_TIMEOUT = 120        # seconds to wait for the head to answer
 
@@ -214,26 +215,38 @@ def torchrun_command(stage: str, key: str, gpus: int, nodes: int = 1, head: str 
             f"--rdzv-endpoint={head}:{port}", f"--rdzv-id={rdzv_id}", "--no-python", *stage_command(stage, key)]
 
 
+def ray_client_installed() -> bool:
+    """Ray starts its client server (default port 10001) only with ray[client]; without it the port may not be set."""
+    import importlib.util
+
+    return importlib.util.find_spec("grpc") is not None
+
+
 def ray_script(stage: str, key: str, gpus: int, cpus: int, nodes: int = 1, head_ip: str = "127.0.0.1",
-               head_host: str | None = None, base_port: int = 30000, temp_dir: str = "/tmp/dflash-ray") -> str:
+               head_host: str | None = None, base_port: int = 30000, temp_dir: str = "/tmp/dflash-ray",
+               client: bool = False) -> str:
     """A bash script: Ray head here, one Ray worker per other node (srun), the stage once, cluster stopped on exit.
 
     Ports base_port .. base_port+len(RAY_PORT_NAMES)-1 and the worker range after them belong to this job only;
-    so does temp_dir. The cluster is stopped by killing the blocking `ray start` processes this script started
-    (never `ray stop`, which stops every Ray instance on the node)."""
+    so do temp_dir and the auth token. `client`: ray[client] is installed, so the head's client server needs its
+    own port. The cluster is stopped by killing the blocking `ray start` processes this script started (never
+    `ray stop`, which stops every Ray instance on the node)."""
     ports = {name: base_port + i for i, name in enumerate(RAY_PORT_NAMES)}
     lo = base_port + len(RAY_PORT_NAMES)
     per_node = [f"--num-cpus={cpus}", f"--num-gpus={gpus}", f"--temp-dir={temp_dir}",
-                *(f"--{name}={ports[name]}" for name in RAY_PORT_NAMES if name not in ("port",
-                                                                                         "ray-client-server-port")),
+                *(f"--{name}={ports[name]}" for name in RAY_PORT_NAMES if name not in RAY_HEAD_ONLY),
                 f"--min-worker-port={lo}", f"--max-worker-port={lo + RAY_WORKER_PORTS - 1}",
                 "--disable-usage-stats", "--block"]
     address = f"{head_ip}:{ports['port']}"
     head = ["ray", "start", "--head", f"--node-ip-address={head_ip}", f"--port={ports['port']}",
-            f"--ray-client-server-port={ports['ray-client-server-port']}", "--include-dashboard=false", *per_node]
+            *([f"--ray-client-server-port={ports['ray-client-server-port']}"] if client else []),
+            "--include-dashboard=false", f"--dashboard-port={ports['dashboard-port']}", *per_node]
     q = shlex.join
     lines = [
         "set -uo pipefail",
+        # token authentication with a token of this job's own (Ray versions without it ignore the variables)
+        "export RAY_AUTH_MODE=token",
+        f"export RAY_AUTH_TOKEN=$({shlex.quote(sys.executable)} -c 'import secrets; print(secrets.token_hex(32))')",
         "pids=()",
         "cleanup() {",
         '  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null; done',
@@ -245,7 +258,8 @@ def ray_script(stage: str, key: str, gpus: int, cpus: int, nodes: int = 1, head_
         f"{q(head)} &",
         "pids+=($!)",
         "up=0",
-        f"for i in $(seq {RAY_START_TIMEOUT}); do",
+        f"deadline=$((SECONDS + {RAY_START_TIMEOUT}))",
+        "while [ $SECONDS -lt $deadline ]; do",
         f"  if ray health-check --address={address} >/dev/null 2>&1; then up=1; break; fi",
         '  kill -0 "${pids[0]}" 2>/dev/null || break',
         "  sleep 1",
@@ -262,6 +276,13 @@ def ray_script(stage: str, key: str, gpus: int, cpus: int, nodes: int = 1, head_
     env = {"DFLASH_LAUNCHER": "ray", "DFLASH_RAY_ADDRESS": address, "DFLASH_RAY_WORKERS": str(max(gpus, 1) * nodes)}
     lines.append(" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " " + q(stage_command(stage, key)))
     return "\n".join(lines) + "\n"
+
+
+def ray_temp_dir(job: str) -> str:
+    """This job's Ray temp dir, short enough for Ray's unix sockets (107 bytes, of which the session adds ~60)."""
+    name = f"dflash-ray-{job}"
+    base = tempfile.gettempdir()
+    return str(Path(base if len(base) + len(name) <= 44 else "/tmp") / name)
 
 
 def host_ip(host: str) -> str:
@@ -288,16 +309,17 @@ def launch_command(stage: str, key: str, res: dict | None, env: dict | None = No
         return torchrun_command(stage, key, gpus, nodes, head=hosts[0], port=free_ports(1, rng=rng),
                                 rdzv_id=job_id(env), cpus_per_task=r["cpus_per_gpu"] * gpus if gpus else r["cpus"])
     cpus = r["cpus_per_gpu"] * gpus if gpus else r["cpus"]
-    temp_dir = str(Path(tempfile.gettempdir()) / f"dflash-ray-{job_id(env)}")
+    temp_dir = ray_temp_dir(job_id(env))
     base = free_ports(len(RAY_PORT_NAMES) + RAY_WORKER_PORTS, rng=rng)
     if nodes <= 1:
-        script = ray_script(stage, key, gpus, cpus, 1, "127.0.0.1", None, base, temp_dir)
+        script = ray_script(stage, key, gpus, cpus, 1, "127.0.0.1", None, base, temp_dir, ray_client_installed())
     else:
         hosts = allocation_nodes(env)
         here = socket.gethostname().split(".")[0]
         if here not in hosts:
             raise RuntimeError(f"{stage} {key}: this host {here} is not in the allocation {hosts}")
-        script = ray_script(stage, key, gpus, cpus, nodes, host_ip(here), here, base, temp_dir)
+        script = ray_script(stage, key, gpus, cpus, nodes, host_ip(here), here, base, temp_dir,
+                            ray_client_installed())
     return ["bash", "-c", script, f"dflash-launch-{stage}-{key}"]
 
 
