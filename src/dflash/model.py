@@ -88,6 +88,9 @@ class DrafterConfig:
         if max(ids) >= t.num_hidden_layers or len(set(ids)) != len(ids):
             raise ValueError(f"drafter.target_layer_ids: {ids} must be distinct layers of the "
                              f"{t.num_hidden_layers}-layer target")
+        if not 0 <= mask_token_id < t.vocab_size:
+            raise ValueError(f"drafter.mask_token: id {mask_token_id} is outside the target's {t.vocab_size} "
+                             "embedding rows")
         rope = getattr(t, "rope_theta", None) or (getattr(t, "rope_parameters", None) or {}).get("rope_theta", 1e6)
         return cls(hidden_size=t.hidden_size,
                    intermediate_size=drafter_cfg.get("intermediate_size") or t.intermediate_size,

