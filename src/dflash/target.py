@@ -220,6 +220,7 @@ def build_gguf(cfg: dict, out: Path, log=print) -> dict:
     label = f"{cfg['gguf_package']}/{file.name}" if cfg.get("gguf_package") else str(file)
     summary = {"gguf_file": file.name, "gguf_sha256": digest, "gguf_bytes": file.stat().st_size,
                "gguf_source": where, "package": _package_version(cfg.get("gguf_package")),
+               "readers": {m: metadata.version(m) for m in ("gguf", "accelerate", "transformers")},
                "architecture": (config.architectures or [type(model).__name__])[0],
                "params": sum(p.numel() for p in model.parameters()), "num_layers": config.num_hidden_layers,
                "hidden_size": config.hidden_size, "vocab_size": config.vocab_size, "dtype": cfg["dtype"],
