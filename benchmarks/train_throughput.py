@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from dflash import objective
 from dflash.model import DFlashDrafter, DrafterConfig
-from dflash.train import _attention, shard
+from dflash.train import block_mask_factory, compile_layers, shard
 
 QWEN3_8B = dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=5, num_attention_heads=32,
                 num_key_value_heads=8, head_dim=128, vocab_size=151936, num_target_layers=36,
@@ -45,7 +45,7 @@ def step_flops(c: DrafterConfig, seq: int, q_len: int) -> float:
 
 
 def run_config(seq: int, anchors: int, fused: bool, steps: int, warmup: int, world: int, rank: int,
-               loss_chunk: int = 2048) -> dict:
+               loss_chunk: int = 2048, compile_mode: bool = False) -> dict:
     dev = torch.device("cuda", torch.cuda.current_device())
     c = DrafterConfig(**QWEN3_8B)
     torch.manual_seed(0)
@@ -56,7 +56,9 @@ def run_config(seq: int, anchors: int, fused: bool, steps: int, warmup: int, wor
     lm_weight = (torch.randn(c.vocab_size, c.hidden_size, device=dev, dtype=torch.bfloat16) * 0.02)
     embed = torch.nn.Embedding.from_pretrained(lm_weight.clone(), freeze=True)
     opt = torch.optim.AdamW(drafter.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=fused, foreach=not fused)
-    make_attend = _attention("cuda", "flex")
+    make_block_mask = block_mask_factory("cuda", "flex")
+    if compile_mode:
+        compile_layers(drafter)
     gen = torch.Generator().manual_seed(rank)
     ids = torch.randint(0, c.vocab_size - 100, (1, seq), generator=gen).to(dev)
     lmask = torch.zeros(1, seq, dtype=torch.bool, device=dev)
@@ -78,10 +80,10 @@ def run_config(seq: int, anchors: int, fused: bool, steps: int, warmup: int, wor
         blocks = objective.build_blocks(ids, lmask, a, keep, c.block_size, c.mask_token_id, 7.0)
         block_emb = embed(blocks.input_ids)
         positions = torch.cat([torch.arange(seq, device=dev)[None], blocks.positions], 1)
-        attend = make_attend(a, seq, c.block_size)
+        block_mask = make_block_mask(a, seq, c.block_size)
         ev[1].record()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            hidden = drafter(block_emb, feats, positions, attend=attend)
+            hidden = drafter(block_emb, feats, positions, mask=block_mask)
         ev[2].record()
         if fused:
             res = objective.fused_block_loss(hidden.to(torch.bfloat16), lm_weight, blocks, c.block_size, loss_chunk)
@@ -117,6 +119,7 @@ def run_config(seq: int, anchors: int, fused: bool, steps: int, warmup: int, wor
            "mfu": round(flops / step_s / (peak * 1e12), 3) if peak else None,
            "recompiles_after_warmup": counters["stats"]["unique_graphs"] - graphs_after_warmup,
            "ms_breakdown": {k: round(v, 1) for k, v in parts.items()}, "loss_chunk": loss_chunk if fused else None,
+           "compiled_layers": compile_mode,
            "torch": torch.__version__}
     del drafter, opt, lm_weight, embed, feats
     torch.cuda.empty_cache()
@@ -132,6 +135,8 @@ def main() -> None:
     p.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 over all ranks, optimised path only")
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--loss-chunk", type=int, nargs="+", default=[2048], help="optimised path: rows per loss chunk")
+    p.add_argument("--compile-layers", type=int, nargs="+", default=[1], choices=[0, 1],
+                   help="optimised path: compile each decoder layer (1, what dflash.train does) or not (0)")
     p.add_argument("--json", help="append results to this file")
     args = p.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -141,11 +146,11 @@ def main() -> None:
         dist.init_process_group("nccl")
     results = []
     for seq in args.seq:
-        configs = [(True, ch) for ch in args.loss_chunk]
+        configs = [(True, ch, comp) for ch in args.loss_chunk for comp in args.compile_layers]
         if not (args.fsdp or args.no_baseline):
-            configs.insert(0, (False, None))
-        for fused, chunk in configs:
-            r = run_config(seq, args.anchors, fused, args.steps, args.warmup, world, rank, chunk or 0)
+            configs.insert(0, (False, None, False))
+        for fused, chunk, comp in configs:
+            r = run_config(seq, args.anchors, fused, args.steps, args.warmup, world, rank, chunk or 0, comp)
             results.append(r)
             if rank == 0:
                 print(json.dumps(r), flush=True)

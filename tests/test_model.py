@@ -81,3 +81,22 @@ def test_cached_forward_equals_full_forward():
     d(torch.randn(1, 4, 32), feats[:, :6], torch.cat([torch.arange(6), torch.arange(6, 10)])[None], cache=cache)
     part = d(block, feats[:, 6:], torch.arange(6, 14)[None], cache=cache)
     assert torch.allclose(full, part, atol=1e-5)
+
+
+def test_block_mask_path_equals_dense_mask_path():
+    """The FlexAttention BlockMask and the dense SDPA mask come from one mask_mod and give the same output."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from dflash import objective
+
+    target = tiny_target()
+    d = _drafter(target)
+    anchors = torch.tensor([[3, 9, 20]])
+    s, bs = 24, 4
+    feats, block = torch.randn(1, s, 64), torch.randn(1, 3 * bs, 32)
+    pos = torch.cat([torch.arange(s), (anchors[0, :, None] + torch.arange(bs)).flatten()])[None]
+    dense = d(block, feats, pos, mask=objective.dense_mask(anchors, s, bs))
+    bm = create_block_mask(objective.mask_mod_for(anchors, s, bs), 1, None, 3 * bs, s + 3 * bs, device="cpu")
+    with torch.no_grad():
+        flex = d(block, feats, pos, mask=bm)
+    assert torch.allclose(dense, flex, atol=1e-5)

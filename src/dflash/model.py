@@ -11,6 +11,7 @@ layers.{i}.{input,post_attention}_layernorm, fc, hidden_norm, norm.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 
 def build_target_layer_ids(num_target_layers: int, n: int) -> list[int]:
@@ -130,6 +132,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None] + rotated * sin[:, None]
 
 
+@functools.cache
+def _compiled_flex():
+    """FlexAttention needs compiling to run its fused kernel; inside a compiled layer the plain function is used."""
+    return torch.compile(flex_attention, dynamic=False)
+
+
 class Attention(nn.Module):
     def __init__(self, c: DrafterConfig):
         super().__init__()
@@ -141,11 +149,11 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
         self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
 
-    def forward(self, x, ctx, cos, sin, mask=None, cache=None, attend=None):
+    def forward(self, x, ctx, cos, sin, mask=None, cache=None):
         """x: block tokens (B, Q, H); ctx: projected target context (B, C, H); cos/sin over [ctx; block].
 
-        `cache` is a [k, v] list holding earlier context keys/values (roped); it is extended with this call's
-        context. `attend` (optional) replaces SDPA, e.g. FlexAttention with a block mask.
+        `mask` is a dense boolean mask for SDPA, a FlexAttention BlockMask, or None (attend to everything).
+        `cache` is a [k, v] list holding earlier context keys/values (roped); it is extended with this call's context.
         """
         c, (b, q_len, _) = self.c, x.shape
         ctx_len = ctx.shape[1]
@@ -161,8 +169,9 @@ class Attention(nn.Module):
                 v = torch.cat([cache[1], v], dim=2)
             n_ctx = k.shape[2] - q_len
             cache[:] = [k[:, :, :n_ctx], v[:, :, :n_ctx]]
-        if attend is not None:
-            out = attend(q, k, v)
+        if isinstance(mask, BlockMask):
+            flex = flex_attention if torch.compiler.is_compiling() or not q.is_cuda else _compiled_flex()
+            out = flex(q, k, v, block_mask=mask, enable_gqa=True)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(b, q_len, -1))
@@ -187,8 +196,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
-    def forward(self, x, ctx, cos, sin, mask=None, cache=None, attend=None):
-        x = x + self.self_attn(self.input_layernorm(x), ctx, cos, sin, mask, cache, attend)
+    def forward(self, x, ctx, cos, sin, mask=None, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), ctx, cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -211,14 +220,14 @@ class DFlashDrafter(nn.Module):
                 else:
                     p.copy_(torch.randn(p.shape, generator=g) * std)
 
-    def forward(self, block_emb, target_hidden, positions, mask=None, cache=None, attend=None):
+    def forward(self, block_emb, target_hidden, positions, mask=None, cache=None):
         """block_emb (B, Q, H) target embeddings of the block tokens; target_hidden (B, C, n*H) concatenated target
         features of the new context positions; positions (B, C + Q). Returns normalised hidden states (B, Q, H)."""
         ctx = self.hidden_norm(self.fc(target_hidden))
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, block_emb.dtype)
         x = block_emb
         for i, layer in enumerate(self.layers):
-            x = layer(x, ctx, cos, sin, mask, None if cache is None else cache[i], attend)
+            x = layer(x, ctx, cos, sin, mask, None if cache is None else cache[i])
         return self.norm(x)
 
     def new_cache(self) -> list[list]:

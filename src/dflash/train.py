@@ -224,28 +224,30 @@ class Tracker:
 
 # ---- the training loop ----------------------------------------------------------------------------------------
 
-def _attention(device: str, mode: str):
-    """None for SDPA with a dense mask (CPU: FlexAttention has no CPU backward), else a FlexAttention factory.
-
-    flex_attention is compiled once; query length (anchors x block) and key length (padded context + queries) are
-    fixed, so it never recompiles."""
+def block_mask_factory(device: str, mode: str):
+    """None for SDPA with a dense mask (CPU: FlexAttention has no CPU backward), else a function building the
+    FlexAttention BlockMask of a batch from the same mask_mod. Query length (anchors x block) and key length (padded
+    context + queries) are fixed, so the compiled attention never recompiles."""
     if mode == "sdpa" or (mode == "auto" and device != "cuda"):
         return None
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    compiled = torch.compile(flex_attention, dynamic=False)
+    from torch.nn.attention.flex_attention import create_block_mask
 
     def make(anchors, ctx_len, block_size):
         b, n = anchors.shape
         q_len = n * block_size
-        bm = create_block_mask(objective.mask_mod_for(anchors, ctx_len, block_size), b, None, q_len, ctx_len + q_len,
-                               device=device, _compile=True)
-        return lambda q, k, v: compiled(q, k, v, block_mask=bm, enable_gqa=True)
+        return create_block_mask(objective.mask_mod_for(anchors, ctx_len, block_size), b, None, q_len,
+                                 ctx_len + q_len, device=device, _compile=True)
 
     return make
 
 
-def train_step_loss(target, drafter, mcfg, ids, lmask, lens, tc, gen, make_attend, embed, lm_weight) -> dict:
+def compile_layers(drafter: DFlashDrafter) -> None:
+    """Compile each decoder layer (FlexAttention inside, norms and MLP fused), one graph per layer shape."""
+    for layer in drafter.layers:
+        layer.compile(dynamic=False)
+
+
+def train_step_loss(target, drafter, mcfg, ids, lmask, lens, tc, gen, make_block_mask, embed, lm_weight) -> dict:
     """Forward one micro-batch and return the loss dict (see objective.fused_block_loss)."""
     device, bs = ids.device, mcfg.block_size
     att = (torch.arange(ids.shape[1], device=device)[None] < lens[:, None]).long()
@@ -257,11 +259,10 @@ def train_step_loss(target, drafter, mcfg, ids, lmask, lens, tc, gen, make_atten
         block_emb = embed(blocks.input_ids)
     s = ids.shape[1]
     positions = torch.cat([torch.arange(s, device=device).expand(ids.shape[0], s), blocks.positions], 1)
-    attend = make_attend(anchors, s, bs) if make_attend else None
-    mask = None if attend else objective.dense_mask(anchors, s, bs)
+    mask = make_block_mask(anchors, s, bs) if make_block_mask else objective.dense_mask(anchors, s, bs)
     dtype = next(iter(drafter.parameters())).dtype if device.type == "cpu" else torch.bfloat16
     with torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else nullcontext():
-        hidden = drafter(block_emb.to(dtype), feats.to(dtype), positions, mask=mask, attend=attend)
+        hidden = drafter(block_emb.to(dtype), feats.to(dtype), positions, mask=mask)
     return objective.fused_block_loss(hidden.to(lm_weight.dtype), lm_weight, blocks, bs, tc["loss_chunk"])
 
 
@@ -302,7 +303,9 @@ def train(cfg: dict, out: Path, upstream: dict[str, Path], work: Path, log=print
     metrics_path = work / METRICS
     if rank == 0:
         _truncate_metrics(metrics_path, start)
-    make_attend = _attention(device_name, tc["attention"])
+    make_block_mask = block_mask_factory(device_name, tc["attention"])
+    if make_block_mask is not None:
+        compile_layers(drafter)
     embed, lm_weight = target.get_input_embeddings(), target.get_output_embeddings().weight
     bs, pad = mcfg.block_size, tokenizer.pad_token_id or 0
     width = data.max_len if tc["pad_to"] == "dataset" else None
@@ -325,7 +328,8 @@ def train(cfg: dict, out: Path, upstream: dict[str, Path], work: Path, log=print
             ids, lmask, lens = (t.to(device) for t in data.get(list(range(first, first + per_rank)), pad, width))
             if hasattr(drafter, "set_requires_gradient_sync"):
                 drafter.set_requires_gradient_sync(micro == tc["grad_accum"] - 1)
-            res = train_step_loss(target, drafter, mcfg, ids, lmask, lens, tc, gen, make_attend, embed, lm_weight)
+            res = train_step_loss(target, drafter, mcfg, ids, lmask, lens, tc, gen, make_block_mask, embed,
+                                  lm_weight)
             (res["loss"] / tc["grad_accum"]).backward()
             acc[0] += res["loss"].item() / tc["grad_accum"]
             acc[1:5] += torch.tensor([float(res["weight_sum"]), float(res["correct"]), float(res["counted"]),
