@@ -10,7 +10,6 @@ import shlex
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -277,10 +276,10 @@ MOCK_SBATCH = """#!/usr/bin/env python3
 import json, os, sys
 with open(os.environ["MOCK_SLURM_LOG"], "a") as f:
     f.write(json.dumps(sys.argv[1:]) + "\\n")
-print("1234")
+print(sum(1 for _ in open(os.environ["MOCK_SLURM_LOG"])))
 """
 MOCK_STATUS = """#!/usr/bin/env bash
-echo '1234|FAILED'
+for i in $(seq "$(wc -l < "$MOCK_SLURM_LOG")"); do echo "$i|FAILED"; done
 """
 MOCK_SCONTROL = """#!/usr/bin/env bash
 [ "$1 $2" = "show config" ] && echo 'MinJobAge               = 300 sec'
@@ -292,6 +291,8 @@ echo ' proj1'
 
 
 def _mock_slurm(bin_dir: Path) -> None:
+    """sbatch logs its argv and answers job ids 1, 2, ...; squeue/sacct report every job FAILED (so Snakemake stops
+    after submitting); the rest answer what the executor asks before submitting."""
     bin_dir.mkdir(parents=True, exist_ok=True)
     _exe(bin_dir / "sbatch", MOCK_SBATCH.replace("/usr/bin/env python3", sys.executable))
     _exe(bin_dir / "squeue", MOCK_STATUS)
@@ -322,58 +323,63 @@ def _sbatch_options(argv: list[str]) -> dict[str, str]:
     return opts
 
 
-def _submit(repo: Path, tmp_path: Path, phase: str, run: str, stage: str, upstream: tuple) -> dict[str, str]:
-    """Run `snakemake --profile slurm <one stage output>` against the mock Slurm, with its upstream outputs in place
-    so that it is the one job submitted; return that job's sbatch options."""
-    plan = json.loads(dflash(repo, "plan", phase, "--json").stdout)
-    keys = {}
-    for r in plan:
-        if r["run"] == run:
-            keys.setdefault(r["stage"], r["key"])          # bench: the first dataset
-    for up in upstream:
-        d = repo / "results" / up / keys[up]
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "provenance.json").write_text("{}")
-        os.utime(d / "provenance.json", (1e9, 1e9))      # one old mtime: no upstream looks newer than the next
-    log = tmp_path / f"sbatch-{phase}-{stage}.jsonl"
-    e = {**env(), "MOCK_SLURM_LOG": str(log), "XDG_CONFIG_HOME": str(tmp_path / "config"),
-         "DFLASH_CLUSTER": str(tmp_path / "cluster.yaml")}
-    e["PATH"] = f"{tmp_path / 'mockbin'}{os.pathsep}{e['PATH']}"
+PIN_PHASES = {      # the defaults of each phase file (distinct train/bench seeds: distinct stage keys)
+    # phase_k as committed; where it is missing, a stand-in with the same train request (8 GPUs on one node)
+    "phase_k": "train: {seed: 1}\n  resources:\n    train: {gpus: 8, nodes: 1, cpus_per_gpu: 8, mem_mb: 512000, "
+               "runtime: 60}",
+    "two_nodes": "train: {seed: 2}\n  resources:\n    train: {gpus: 8, nodes: 2, cpus_per_gpu: 6, mem_mb: 400000, "
+                 "runtime: 90}",
+    "gpu_bench": "bench: {seed: 3}\n  resources:\n    bench: {gpus: 1, cpus_per_gpu: 6, mem_mb: 64000, runtime: 30}",
+}
+PIN_JOBS = {"phase_k": ("train", ("tokenize", "target")), "two_nodes": ("train", ("tokenize", "target")),
+            "gpu_bench": ("bench", ("convert", "target"))}
+
+
+@pytest.fixture(scope="module")
+def pinned_sbatch(tmp_path_factory) -> dict[str, dict[str, str]]:
+    """One `snakemake --profile slurm` against the mock Slurm, asking for run R00's train job of phase_k and of a
+    two-node phase and for a GPU bench job, each with its upstream outputs in place so that exactly these jobs are
+    submitted. Returns each phase's sbatch options."""
+    _need_plugin()
+    tmp = tmp_path_factory.mktemp("pin")
+    repo = copy_repo(tmp / "repo")
+    _mock_slurm(tmp / "mockbin")
+    (tmp / "cluster.yaml").write_text("account: proj1\npartition: cpu\ngpu_partition: gpu\ngpu_model: h100\n")
+    for phase, text in PIN_PHASES.items():
+        path = repo / "configs" / "phases" / f"{phase}.yaml"
+        if not path.is_file():
+            path.write_text(f"defaults:\n  {text}\nruns:\n  R00: {{}}\n"
+                            "datasets:\n  - {name: synthetic_math, n: 2}\n")
+    targets, comments = [], {}
+    for phase, (stage, upstream) in PIN_JOBS.items():
+        keys = {}
+        for r in json.loads(dflash(repo, "plan", phase, "--json").stdout):
+            if r["run"] == "R00":
+                keys.setdefault(r["stage"], r["key"])          # bench: the first dataset
+        for up in upstream:
+            d = repo / "results" / up / keys[up]
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "provenance.json").write_text("{}")
+            os.utime(d / "provenance.json", (1e9, 1e9))      # one old mtime: no upstream looks newer than the next
+        targets.append(f"results/{stage}/{keys[stage]}/provenance.json")
+        comments[f"rule_{stage}_wildcards_{keys[stage]}"] = phase
+    log = tmp / "sbatch.jsonl"
+    e = {**env(), "MOCK_SLURM_LOG": str(log), "XDG_CONFIG_HOME": str(tmp / "config"),
+         "DFLASH_CLUSTER": str(tmp / "cluster.yaml")}
+    e["PATH"] = f"{tmp / 'mockbin'}{os.pathsep}{e['PATH']}"
     subprocess.run([str(BIN / "dflash"), "install-profiles"], cwd=repo, env=e, check=True, capture_output=True)
     proc = subprocess.run([str(BIN / "snakemake"), "--profile", "slurm", "--slurm-init-seconds-before-status-checks",
-                           "1", f"results/{stage}/{keys[stage]}/provenance.json"], cwd=repo, env=e,
-                          capture_output=True, text=True, timeout=300)
-    calls = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
-    assert len(calls) == 1, (proc.stdout + proc.stderr)[-3000:]
-    opts = _sbatch_options(calls[0])
-    assert opts["--comment"] == f"rule_{stage}_wildcards_{keys[stage]}"
-    return opts
+                           "1", "--keep-going", *targets], cwd=repo, env=e, capture_output=True, text=True, timeout=300)
+    calls = [_sbatch_options(json.loads(line)) for line in log.read_text().splitlines()] if log.is_file() else []
+    by_phase = {comments[c["--comment"]]: c for c in calls if c.get("--comment") in comments}
+    assert len(calls) == len(PIN_JOBS) and len(by_phase) == len(PIN_JOBS), (proc.stdout + proc.stderr)[-3000:]
+    return by_phase
 
 
-@pytest.fixture
-def mock_slurm_repo(tmp_path):
-    _need_plugin()
-    repo = copy_repo(tmp_path / "repo")
-    _mock_slurm(tmp_path / "mockbin")
-    (tmp_path / "cluster.yaml").write_text("account: proj1\npartition: cpu\ngpu_partition: gpu\ngpu_model: h100\n")
-    return repo
-
-
-def _phase_k(repo: Path) -> None:
-    """phase_k as committed; where it is missing, a stand-in with the same train request (8 GPUs on one node)."""
-    path = repo / "configs" / "phases" / "phase_k.yaml"
-    if not path.is_file():
-        path.write_text("defaults:\n  resources:\n    train: {gpus: 8, nodes: 1, cpus_per_gpu: 8, mem_mb: 512000, "
-                        "runtime: 60}\nruns:\n  R00: {}\ndatasets:\n  - {name: synthetic_math, n: 2}\n")
-
-
-def test_sbatch_args_phase_k_train(mock_slurm_repo, tmp_path):
+def test_sbatch_args_phase_k_train(pinned_sbatch):
     """phase_k's train job: 8 GPUs of one node, 8 CPUs per GPU, 512 GB, 60 min, the GPU partition and account of the
     cluster file; no --cpus-per-task (it would override --cpus-per-gpu) and no task-per-GPU geometry."""
-    _phase_k(mock_slurm_repo)
-    t0 = time.time()
-    opts = _submit(mock_slurm_repo, tmp_path, "phase_k", "R00", "train", ("tokenize", "target"))
-    assert time.time() - t0 < 120
+    opts = pinned_sbatch["phase_k"]
     assert opts["--gpus"] == "h100:8"
     assert opts["--cpus-per-gpu"] == "8"
     assert opts["--nodes"] == "1"
@@ -385,12 +391,9 @@ def test_sbatch_args_phase_k_train(mock_slurm_repo, tmp_path):
         assert absent not in opts, absent
 
 
-def test_sbatch_args_two_node_train(mock_slurm_repo, tmp_path):
+def test_sbatch_args_two_node_train(pinned_sbatch):
     """Two nodes: one task per node (the launcher's srun steps), CPUs per task = 8 x CPUs per GPU, GPUs per node."""
-    (mock_slurm_repo / "configs" / "phases" / "two_nodes.yaml").write_text(
-        "defaults:\n  resources:\n    train: {gpus: 8, nodes: 2, cpus_per_gpu: 6, mem_mb: 400000, runtime: 90}\n"
-        "runs:\n  R00: {}\ndatasets:\n  - {name: synthetic_math, n: 2}\n")
-    opts = _submit(mock_slurm_repo, tmp_path, "two_nodes", "R00", "train", ("tokenize", "target"))
+    opts = pinned_sbatch["two_nodes"]
     assert opts["--nodes"] == "2" and opts["--ntasks"] == "2" and opts["--cpus-per-task"] == "48"
     assert opts["--gpus-per-node"] == "h100:8" and opts["--mem"] == "400000" and opts["-t"] == "90"
     assert opts["-p"] == "gpu" and opts["-A"] == "proj1"
@@ -398,13 +401,10 @@ def test_sbatch_args_two_node_train(mock_slurm_repo, tmp_path):
         assert absent not in opts, absent
 
 
-def test_sbatch_args_gpu_job_of_another_rule(mock_slurm_repo, tmp_path):
+def test_sbatch_args_gpu_job_of_another_rule(pinned_sbatch):
     """A GPU job of a rule that declares only gpu/mem/runtime (bench) gets its CPUs per GPU, partition and GPU type
     from the profile's default-resources, and no --cpus-per-task."""
-    (mock_slurm_repo / "configs" / "phases" / "gpu_bench.yaml").write_text(
-        "defaults:\n  resources:\n    bench: {gpus: 1, cpus_per_gpu: 6, mem_mb: 64000, runtime: 30}\n"
-        "runs:\n  R00: {}\ndatasets:\n  - {name: synthetic_math, n: 2}\n")
-    opts = _submit(mock_slurm_repo, tmp_path, "gpu_bench", "R00", "bench", ("convert", "target"))
+    opts = pinned_sbatch["gpu_bench"]
     assert opts["--gpus"] == "h100:1" and opts["--cpus-per-gpu"] == "6" and opts["--nodes"] == "1"
     assert opts["--mem"] == "64000" and opts["-t"] == "30" and opts["-p"] == "gpu" and opts["-A"] == "proj1"
     assert "--cpus-per-task" not in opts
