@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, copy_repo, dflash, env
+from conftest import BIN, dflash, env
 
 pytestmark = pytest.mark.slurm
 
@@ -43,12 +43,15 @@ def _slurm_up() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def slurm_run(tmp_path_factory):
+def slurm_run(tmp_path_factory, smoke_repo):
+    """A clone of the local smoke run's repository copy (the same commit, so the same code and phase files) after
+    `snakemake --profile slurm smoke`."""
     why = _slurm_up()
     if why:
         pytest.skip(f"{why}; .ci/run starts a one-node cluster where it runs as root with apt")
     base = tmp_path_factory.mktemp("slurm")
-    repo = copy_repo(base / "repo")
+    repo = base / "repo"
+    subprocess.run(["git", "clone", "-q", str(smoke_repo), str(repo)], check=True, capture_output=True)
     e = {**env(), "XDG_CONFIG_HOME": str(base / "config")}
     subprocess.run([str(BIN / "dflash"), "install-profiles"], cwd=repo, env=e, check=True, capture_output=True)
     t0 = time.time()
