@@ -43,12 +43,13 @@ def _slurm_up() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def slurm_run(tmp_path_factory, smoke_repo):
+def slurm_run(tmp_path_factory, request):
     """A clone of the local smoke run's repository copy (the same commit, so the same code and phase files) after
     `snakemake --profile slurm smoke`."""
     why = _slurm_up()
     if why:
         pytest.skip(f"{why}; .ci/run starts a one-node cluster where it runs as root with apt")
+    smoke_repo = request.getfixturevalue("smoke_repo")             # the local run (shared with the e2e tests)
     base = tmp_path_factory.mktemp("slurm")
     repo = base / "repo"
     subprocess.run(["git", "clone", "-q", str(smoke_repo), str(repo)], check=True, capture_output=True)
@@ -61,7 +62,7 @@ def slurm_run(tmp_path_factory, smoke_repo):
     out = proc.stdout + proc.stderr
     (base / "snakemake.log").write_text(out)
     assert proc.returncode == 0, out[-4000:]
-    return repo, out, time.time() - t0
+    return repo, out, time.time() - t0, smoke_repo
 
 
 def _job_counts(out: str) -> dict[str, int]:
@@ -78,7 +79,7 @@ def _job_counts(out: str) -> dict[str, int]:
 
 
 def test_every_job_went_through_sbatch(slurm_run):
-    repo, out, seconds = slurm_run
+    repo, out, seconds, _ = slurm_run
     print(f"smoke through Slurm: {seconds:.0f} s")
     counts = _job_counts(out)
     assert counts.pop("smoke") == 1                                    # the phase target is a local rule
@@ -110,8 +111,8 @@ def _table(repo: Path, name: str) -> tuple[list[str], dict[tuple, dict]]:
     return reader.fieldnames, {tuple(r[c] for c in key_cols): r for r in rows}
 
 
-def test_same_keys_and_tables_as_local(slurm_run, smoke_repo):
-    repo, _, _ = slurm_run
+def test_same_keys_and_tables_as_local(slurm_run):
+    repo, _, _, smoke_repo = slurm_run
     assert _plan(repo) == _plan(smoke_repo)
     stage_dirs = {p.parent.relative_to(repo / "results").as_posix()
                   for p in (repo / "results").glob("*/*/provenance.json")}
