@@ -43,6 +43,20 @@ def snakemake(repo: Path, *args: str, check: bool = True) -> subprocess.Complete
     return proc
 
 
+def job_counts(out: str) -> dict[str, int]:
+    """Rule -> job count from the "Job stats" table that Snakemake prints."""
+    jobs, table = {}, False
+    for line in out.splitlines():
+        parts = line.split()
+        if parts[:2] == ["job", "count"]:
+            table = True
+        elif table and len(parts) == 2 and parts[1].isdigit():
+            if parts[0] == "total":
+                break
+            jobs[parts[0]] = int(parts[1])
+    return jobs
+
+
 def dflash(repo: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "dflash"), *args], cwd=repo, capture_output=True, text=True, env=env())
 

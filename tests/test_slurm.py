@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, dflash, env
+from conftest import BIN, dflash, env, job_counts
 
 pytestmark = pytest.mark.slurm
 
@@ -65,23 +65,10 @@ def slurm_run(tmp_path_factory, request):
     return repo, out, time.time() - t0, smoke_repo
 
 
-def _job_counts(out: str) -> dict[str, int]:
-    jobs, table = {}, False
-    for line in out.splitlines():
-        parts = line.split()
-        if parts[:2] == ["job", "count"]:
-            table = True
-        elif table and len(parts) == 2 and parts[1].isdigit():
-            if parts[0] == "total":
-                break
-            jobs[parts[0]] = int(parts[1])
-    return jobs
-
-
 def test_every_job_went_through_sbatch(slurm_run):
     repo, out, seconds, _ = slurm_run
     print(f"smoke through Slurm: {seconds:.0f} s")
-    counts = _job_counts(out)
+    counts = job_counts(out)
     assert counts.pop("smoke") == 1                                    # the phase target is a local rule
     submitted = SUBMITTED.findall(out)
     assert len(submitted) == sum(counts.values()), (counts, submitted)

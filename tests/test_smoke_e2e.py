@@ -6,21 +6,12 @@ import time
 
 import yaml
 
-from conftest import dflash, snakemake
+from conftest import dflash, job_counts, snakemake
 
 
 def planned_jobs(repo, target="smoke") -> dict[str, int]:
     proc = snakemake(repo, "-n", target)
-    jobs, table = {}, False
-    for line in (proc.stdout + proc.stderr).splitlines():
-        parts = line.split()
-        if parts[:2] == ["job", "count"]:
-            table = True
-        elif table and len(parts) == 2 and parts[1].isdigit():
-            if parts[0] == "total":
-                break
-            jobs[parts[0]] = int(parts[1])
-    return jobs
+    return job_counts(proc.stdout + proc.stderr)
 
 
 def test_smoke_outputs_and_signal(smoke_repo):
