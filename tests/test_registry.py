@@ -64,8 +64,14 @@ def test_original_responses_skip_regenerate():
                                                                    "target": plan.keys["target"]}
 
 
-def test_resources_are_not_part_of_keys():
+def test_scheduler_resources_are_not_part_of_keys_but_training_ranks_are():
     base = load_phase("smoke")
     changed = copy.deepcopy(base)
-    changed.runs["main"]["resources"] = {"train": {"gpus": 8}}
+    changed.runs["main"]["resources"] = {"train": {"mem_mb": 64000, "runtime": 600}, "bench": {"gpus": 1}}
     assert _keys(base) == _keys(changed)
+    eight = copy.deepcopy(base)
+    eight.runs["main"]["resources"] = {"train": {"gpus": 8, "inference_gpus": 2}}   # 6 ranks: another global batch
+    diff = _changed(_keys(base), _keys(eight))
+    assert diff == ["bench/synthetic_chat", "bench/synthetic_code", "bench/synthetic_math", "convert", "train"]
+    reg = build({"smoke": eight})
+    assert reg.get("train", reg.plans["smoke"]["main"].keys["train"]).config["data_parallel"] == 6

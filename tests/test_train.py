@@ -38,8 +38,8 @@ def work_repo(smoke_repo, tmp_path):
     return repo
 
 
-def _phase(repo, name, train):
-    doc = {"extends": "smoke", "defaults": {"train": train}}
+def _phase(repo, name, train, resources=None):
+    doc = {"extends": "smoke", "defaults": {"train": train, **({"resources": resources} if resources else {})}}
     (repo / "configs" / "phases" / f"{name}.yaml").write_text(yaml.safe_dump(doc))
     plan = json.loads(subprocess.run([str(BIN / "dflash"), "plan", name, "--json"], cwd=repo, capture_output=True,
                                      text=True, env=env(), check=True).stdout)
@@ -108,7 +108,7 @@ TWO_RANK = {"max_steps": 4, "micro_batch_size": 2, "grad_accum": 2, "log_every":
 
 
 def test_fsdp_under_torchrun_gloo_two_ranks(work_repo):
-    key = _phase(work_repo, "torchrun2", TWO_RANK)
+    key = _phase(work_repo, "torchrun2", TWO_RANK, {"train": {"gpus": 2}})
     proc = _stage(work_repo, key, launcher=(str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2"))
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
@@ -117,7 +117,7 @@ def test_fsdp_under_torchrun_gloo_two_ranks(work_repo):
 
 def test_fsdp_under_ray_train_two_workers(work_repo):
     pytest.importorskip("ray.train", reason="Ray Train is the `ray` extra")
-    key = _phase(work_repo, "ray2", TWO_RANK)
+    key = _phase(work_repo, "ray2", TWO_RANK, {"train": {"gpus": 2, "launcher": "ray"}})
     proc = _stage(work_repo, key, {"DFLASH_LAUNCHER": "ray", "DFLASH_RAY_WORKERS": "2", "RAY_AUTH_MODE": "disabled",
                                    "RAY_USAGE_STATS_ENABLED": "0", "RAY_object_store_memory": str(200 * 2**20)})
     out, _ = proc.communicate(timeout=400)

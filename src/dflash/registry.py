@@ -75,6 +75,13 @@ class Registry:
                          {"runs": canonical_json(runs)})
 
 
+def data_parallel(train_resources: dict) -> int:
+    """Training ranks of a layout: (GPUs per node - inference GPUs) x nodes, 1 on CPU. Part of the train key, since
+    the global batch (and so the schedule) is micro batch x accumulation x ranks."""
+    gpus = train_resources.get("gpus", 0) - train_resources.get("inference_gpus", 0)
+    return max(1, gpus) * train_resources.get("nodes", 1)
+
+
 def plan_run(phase: Phase, run_name: str, run: dict) -> tuple[RunPlan, list[StageInstance]]:
     res = run["resources"]
     out: list[StageInstance] = []
@@ -97,7 +104,8 @@ def plan_run(phase: Phase, run_name: str, run: dict) -> tuple[RunPlan, list[Stag
     else:
         responses = {"prepare": keys["prepare"]}
     keys["tokenize"] = add("tokenize", {"tokenize": run["tokenize"]}, {**responses, "target": keys["target"]})
-    keys["train"] = add("train", {"drafter": run["drafter"], "train": run["train"]},
+    keys["train"] = add("train", {"drafter": run["drafter"], "train": run["train"],
+                                  "data_parallel": data_parallel(res.get("train", {}))},
                         {"tokenize": keys["tokenize"], "target": keys["target"]})
     keys["convert"] = add("convert", {"convert": run["convert"]}, {"train": keys["train"]})
     bench = {}

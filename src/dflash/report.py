@@ -21,7 +21,7 @@ from dflash import provenance
 from dflash import references as refs
 from dflash.config import Phase
 from dflash.paths import RESULTS, report_dir, stage_dir
-from dflash.registry import Registry
+from dflash.registry import Registry, data_parallel
 
 FAMILY_ORDER = ("math", "code", "chat")
 AGG_SOURCE = "mean of the run's per-dataset rows"
@@ -187,10 +187,8 @@ def speedup_table(data: dict) -> list[dict]:
 
 def planned_global_batch(run: dict) -> int:
     """micro batch x grad accum x data-parallel training processes (GPUs not serving the target, x nodes)."""
-    tc, res = run["train"], run["resources"].get("train", {})
-    gpus = res.get("gpus", 0)
-    dp = max(1, gpus - res.get("inference_gpus", 0)) * res.get("nodes", 1) if gpus else 1
-    return tc["micro_batch_size"] * tc["grad_accum"] * dp
+    tc = run["train"]
+    return tc["micro_batch_size"] * tc["grad_accum"] * data_parallel(run["resources"].get("train", {}))
 
 
 def training_table(data: dict) -> list[dict]:

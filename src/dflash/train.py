@@ -286,6 +286,10 @@ def train(cfg: dict, out: Path, upstream: dict[str, Path], work: Path, log=print
     drafter.to(device)
     shard(drafter, device_name, world)
     data = Batches(tokenization.load(upstream["tokenize"]), tc["seed"])
+    planned = cfg.get("data_parallel", 1)
+    if world != planned:
+        log(f"train: WARNING {world} ranks but the phase's layout plans {planned}: the global batch and schedule "
+            f"differ from the plan (resources.train)")
     steps, global_batch = total_steps(data.n, tc, world)
     if tc["untrained"]:
         steps = 0
@@ -378,6 +382,7 @@ def train(cfg: dict, out: Path, upstream: dict[str, Path], work: Path, log=print
                    "samples": steps * global_batch, "rows": data.n, "epochs": steps * global_batch / data.n,
                    "resumed_from": start, "invalid_steps": invalid, "final_loss": last.get("loss"),
                    "final_acc": last.get("acc"), "wall_s": wall, "device": device_name, "world_size": world,
+                   "planned_data_parallel": planned,
                    "gpu_name": torch.cuda.get_device_name() if device_name == "cuda" else None,
                    "target_layer_ids": mcfg.target_layer_ids}
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
