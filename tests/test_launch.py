@@ -444,3 +444,19 @@ def test_ray_temp_dir_stays_short(monkeypatch):
     assert len(launch.ray_temp_dir("123456789")) <= 44
     monkeypatch.setattr(launch.tempfile, "gettempdir", lambda: "/tmp")
     assert launch.ray_temp_dir("12") == "/tmp/dflash-ray-12"
+
+
+def test_inference_gpus_get_no_training_rank(monkeypatch):
+    """phase_k's 2I+6T layout: all 8 GPUs allocated, 6 training ranks (the train key's data-parallel size)."""
+    monkeypatch.setattr(launch, "dflash_exe", lambda: "dflash")
+    res = {"gpus": 8, "inference_gpus": 2}
+    assert launch.training_ranks(res) == 6
+    assert launch.slurm_resources(res, CLUSTER)["gpu"] == 8
+    assert "--nproc-per-node=6" in launch.launch_command("train", "k", res, env={})
+    script = launch.launch_command("train", "k", {**res, "launcher": "ray"}, env={}, rng=random.Random(0))[2]
+    assert "--num-gpus=8" in script and "DFLASH_RAY_WORKERS=6 " in script
+    monkeypatch.setattr(launch, "allocation_nodes", lambda env: ["a", "b"])
+    argv = launch.launch_command("train", "k", {**res, "nodes": 2}, env={"SLURM_JOB_ID": "1"})
+    assert "--nproc-per-node=6" in argv and "--gpus-per-node=8" in argv and "--nnodes=2" in argv
+    assert launch.launch_command("train", "k", {"gpus": 2, "inference_gpus": 1}, env={}) == [
+        "dflash", "stage", "train", "k"]                                      # one training rank: no torchrun

@@ -15,13 +15,17 @@ cpus_per_task is never set for a job with cpus_per_gpu: the plugin would let it 
 
 Inside the allocation (`dflash launch <stage> <key>`):
 
-  gpus <= 1, one node:     dflash stage <stage> <key>   (either launcher)
-  torchrun, one node:      torchrun --standalone --nproc-per-node G --no-python dflash stage <stage> <key>
+  R training ranks per node: R = gpus - inference_gpus (1 without GPUs), the data-parallel size that the train key
+  records (dflash.registry.data_parallel); the inference GPUs are allocated but get no rank.
+
+  R <= 1, one node:        dflash stage <stage> <key>   (either launcher)
+  torchrun, one node:      torchrun --standalone --nproc-per-node R --no-python dflash stage <stage> <key>
   torchrun, N nodes:       srun (one task per node) torchrun --nnodes N --rdzv-backend c10d
                            --rdzv-endpoint <first node>:<free port> ... dflash stage <stage> <key>
   ray (one or N nodes):    a Ray head here (own temp dir and ports, so jobs sharing a node never collide), one
                            Ray worker per other node through srun, then `dflash stage <stage> <key>` once with
-                           DFLASH_LAUNCHER=ray and DFLASH_RAY_ADDRESS=<head>; a trap stops the cluster on exit.
+                           DFLASH_LAUNCHER=ray, DFLASH_RAY_ADDRESS=<head> and DFLASH_RAY_WORKERS=R x N; a trap
+                           stops the cluster on exit.
 
 Every torchrun rank runs the stage; the stage runner lets only RANK 0 publish the output.
 """
@@ -197,12 +201,21 @@ def job_id(env: dict | None = None) -> str:
     return env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID") or f"local{os.getpid()}"
 
 
-def torchrun_command(stage: str, key: str, gpus: int, nodes: int = 1, head: str | None = None,
-                     port: int | None = None, rdzv_id: str = "dflash", cpus_per_task: int | None = None) -> list[str]:
-    """torchrun with one process per GPU; across nodes one torchrun per node through srun and a c10d rendezvous
-    hosted on the first node."""
+def training_ranks(res: dict) -> int:
+    """Training processes of a layout, all nodes together: the registry's data-parallel size (part of the train key),
+    (GPUs per node - inference GPUs) x nodes, 1 per node without GPUs."""
+    from dflash.registry import data_parallel
+
+    return data_parallel(stage_resources(res))
+
+
+def torchrun_command(stage: str, key: str, ranks: int, nodes: int = 1, head: str | None = None,
+                     port: int | None = None, rdzv_id: str = "dflash", cpus_per_task: int | None = None,
+                     gpus: int | None = None) -> list[str]:
+    """torchrun with `ranks` processes per node; across nodes one torchrun per node through srun (each step with the
+    node's `gpus`) and a c10d rendezvous hosted on the first node."""
     if nodes <= 1:
-        return ["torchrun", "--standalone", "--nnodes=1", f"--nproc-per-node={gpus}", "--no-python",
+        return ["torchrun", "--standalone", "--nnodes=1", f"--nproc-per-node={ranks}", "--no-python",
                 *stage_command(stage, key)]
     if not head or not port:
         raise ValueError("a multi-node torchrun needs the rendezvous host and port")
@@ -211,7 +224,7 @@ def torchrun_command(stage: str, key: str, gpus: int, nodes: int = 1, head: str 
         srun.append(f"--cpus-per-task={cpus_per_task}")
     if gpus:
         srun.append(f"--gpus-per-node={gpus}")
-    return [*srun, "torchrun", f"--nnodes={nodes}", f"--nproc-per-node={gpus}", "--rdzv-backend=c10d",
+    return [*srun, "torchrun", f"--nnodes={nodes}", f"--nproc-per-node={ranks}", "--rdzv-backend=c10d",
             f"--rdzv-endpoint={head}:{port}", f"--rdzv-id={rdzv_id}", "--no-python", *stage_command(stage, key)]
 
 
@@ -224,13 +237,15 @@ def ray_client_installed() -> bool:
 
 def ray_script(stage: str, key: str, gpus: int, cpus: int, nodes: int = 1, head_ip: str = "127.0.0.1",
                head_host: str | None = None, base_port: int = 30000, temp_dir: str = "/tmp/dflash-ray",
-               client: bool = False) -> str:
+               client: bool = False, workers: int | None = None) -> str:
     """A bash script: Ray head here, one Ray worker per other node (srun), the stage once, cluster stopped on exit.
 
     Ports base_port .. base_port+len(RAY_PORT_NAMES)-1 and the worker range after them belong to this job only;
     so do temp_dir and the auth token. `client`: ray[client] is installed, so the head's client server needs its
     own port. The cluster is stopped by killing the blocking `ray start` processes this script started (never
-    `ray stop`, which stops every Ray instance on the node)."""
+    `ray stop`, which stops every Ray instance on the node). `workers`: Ray Train workers (DFLASH_RAY_WORKERS;
+    default one per GPU, or one per node without GPUs)."""
+    workers = workers or max(gpus, 1) * nodes
     ports = {name: base_port + i for i, name in enumerate(RAY_PORT_NAMES)}
     lo = base_port + len(RAY_PORT_NAMES)
     per_node = [f"--num-cpus={cpus}", f"--num-gpus={gpus}", f"--temp-dir={temp_dir}",
@@ -273,7 +288,7 @@ def ray_script(stage: str, key: str, gpus: int, cpus: int, nodes: int = 1, head_
             worker.append(f"--gpus-per-node={gpus}")
         worker += ["ray", "start", f"--address={address}", *per_node]
         lines += [f"{q(worker)} &", "pids+=($!)"]
-    env = {"DFLASH_LAUNCHER": "ray", "DFLASH_RAY_ADDRESS": address, "DFLASH_RAY_WORKERS": str(max(gpus, 1) * nodes)}
+    env = {"DFLASH_LAUNCHER": "ray", "DFLASH_RAY_ADDRESS": address, "DFLASH_RAY_WORKERS": str(workers)}
     lines.append(" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " " + q(stage_command(stage, key)))
     return "\n".join(lines) + "\n"
 
@@ -298,28 +313,31 @@ def launch_command(stage: str, key: str, res: dict | None, env: dict | None = No
     env = os.environ if env is None else env
     r = stage_resources(res)
     gpus, nodes, launcher = r["gpus"], r["nodes"], r["launcher"]
-    if nodes <= 1 and gpus <= 1:
+    ranks = training_ranks(r) // nodes                 # per node; the inference GPUs get no training rank
+    if nodes <= 1 and ranks <= 1:
         return stage_command(stage, key)
     if launcher == "torchrun":
         if nodes <= 1:
-            return torchrun_command(stage, key, gpus)
+            return torchrun_command(stage, key, ranks)
         hosts = allocation_nodes(env)
         if len(hosts) < nodes:
             raise RuntimeError(f"{stage} {key}: asks for {nodes} nodes but the allocation has {hosts}")
-        return torchrun_command(stage, key, gpus, nodes, head=hosts[0], port=free_ports(1, rng=rng),
-                                rdzv_id=job_id(env), cpus_per_task=r["cpus_per_gpu"] * gpus if gpus else r["cpus"])
+        return torchrun_command(stage, key, ranks, nodes, head=hosts[0], port=free_ports(1, rng=rng),
+                                rdzv_id=job_id(env), cpus_per_task=r["cpus_per_gpu"] * gpus if gpus else r["cpus"],
+                                gpus=gpus)
     cpus = r["cpus_per_gpu"] * gpus if gpus else r["cpus"]
     temp_dir = ray_temp_dir(job_id(env))
     base = free_ports(len(RAY_PORT_NAMES) + RAY_WORKER_PORTS, rng=rng)
     if nodes <= 1:
-        script = ray_script(stage, key, gpus, cpus, 1, "127.0.0.1", None, base, temp_dir, ray_client_installed())
+        script = ray_script(stage, key, gpus, cpus, 1, "127.0.0.1", None, base, temp_dir, ray_client_installed(),
+                            training_ranks(r))
     else:
         hosts = allocation_nodes(env)
         here = socket.gethostname().split(".")[0]
         if here not in hosts:
             raise RuntimeError(f"{stage} {key}: this host {here} is not in the allocation {hosts}")
         script = ray_script(stage, key, gpus, cpus, nodes, host_ip(here), here, base, temp_dir,
-                            ray_client_installed())
+                            ray_client_installed(), training_ranks(r))
     return ["bash", "-c", script, f"dflash-launch-{stage}-{key}"]
 
 
