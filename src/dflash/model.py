@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -233,12 +233,6 @@ class DFlashDrafter(nn.Module):
     def new_cache(self) -> list[list]:
         return [[] for _ in self.layers]
 
-    @staticmethod
-    def crop_cache(cache: list[list], length: int) -> None:
-        for layer in cache:
-            if layer:
-                layer[:] = [layer[0][:, :, :length], layer[1][:, :, :length]]
-
     def save(self, out: Path, dtype: str = "bfloat16") -> None:
         """safetensors + config.json, loadable by z-lab's and SGLang's DFlash code."""
         from safetensors.torch import save_file
@@ -289,6 +283,3 @@ def target_features(target, input_ids, layer_ids: list[int], attention_mask=None
             h.remove()
     return torch.cat([captured[i] for i in layer_ids], dim=-1)
 
-
-def config_dict(c: DrafterConfig) -> dict:
-    return asdict(c)

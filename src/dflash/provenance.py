@@ -34,6 +34,13 @@ def output_checksums(directory: Path) -> dict[str, str]:
     return out
 
 
+def stage_checksums(pairs) -> dict[str, str]:
+    """'<stage>/<key>' -> sha256 of that stage directory's provenance.json, for a record's `inputs`."""
+    from dflash.paths import stage_dir
+
+    return {f"{s}/{k}": sha256_file(stage_dir(s, k) / PROVENANCE) for s, k in pairs}
+
+
 def git_state() -> dict:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()

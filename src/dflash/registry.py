@@ -65,9 +65,6 @@ class Registry:
         except KeyError:
             raise KeyError(f"no {stage} stage with key {key} in any phase under {PHASES_DIR}") from None
 
-    def keys_of(self, stage: str) -> list[str]:
-        return sorted(k for s, k in self.instances if s == stage)
-
     def report_key(self, phase: str) -> str:
         ph = self.phases[phase]
         runs = {r: {**p.keys, "bench": p.bench} for r, p in self.plans[phase].items()}

@@ -501,7 +501,7 @@ def build(reg: Registry, phase: str) -> Path:
         pairs = [(s, k) for keys in runs.values()
                  for s, k in [*((s, k) for s, k in keys.items() if s != "bench"), *(("bench", b) for b in
                                                                                    keys["bench"].values())]]
-        inputs = {f"{s}/{k}": provenance.sha256_file(stage_dir(s, k) / provenance.PROVENANCE) for s, k in pairs}
+        inputs = provenance.stage_checksums(pairs)
         inputs[f"references/{refs.TABLE.name}"] = provenance.sha256_file(refs.TABLE)
         prov = provenance.record("report", reg.report_key(phase), {"phase": phase, "file": ph.file, "chain": ph.chain,
                                  "references": ph.references, "external": ph.external}, {"runs": runs}, tmp, started,

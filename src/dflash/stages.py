@@ -88,8 +88,7 @@ def run(reg: Registry, stage: str, key: str) -> Path:
     started = provenance.now()
     try:
         result = _call(inst, tmp, upstream) or {}
-        inputs = {f"{s}/{k}": provenance.sha256_file(stage_dir(s, k) / provenance.PROVENANCE)
-                  for s, k in inst.upstream.items()}
+        inputs = provenance.stage_checksums(inst.upstream.items())
         inputs.update(result.get("inputs", {}))
         provenance.write(tmp, provenance.record(stage, key, inst.config, inst.upstream, tmp, started, inputs,
                                                 result.get("summary", {}), inst.users))
