@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,8 +38,14 @@ def load_yaml(path: Path) -> Any:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
 
 
+@functools.cache
+def _schema(path: Path) -> dict:
+    return load_yaml(path)
+
+
 def load_schema(name: str = "phase") -> dict:
-    return load_yaml(SCHEMA_DIR / f"{name}.schema.yaml")
+    """The schema, parsed once per process (callers get a copy they may change)."""
+    return copy.deepcopy(_schema(SCHEMA_DIR / f"{name}.schema.yaml"))
 
 
 _TYPE_WORDS = {"number": "a number", "integer": "an integer", "string": "a string", "boolean": "true or false",
