@@ -122,3 +122,46 @@ def test_gc_lists_and_removes_only_unreferenced(repo):
     assert proc.returncode == 0 and f"{len(unused)} paths" in proc.stdout
     assert not any(p.exists() for p in unused) and all(p.exists() for p in keep)
     assert "nothing unreferenced" in dflash(repo, "gc").stdout
+
+
+def test_a_published_copy_audits_without_its_weights(audited):
+    """`dflash publish` copies the report and its chain minus weights; the audit of the copy passes, counts the
+    weights as left out, and still catches a changed record or a weights file that nothing lists."""
+    proc = dflash(audited, "publish", "smoke", "docs/results/smoke")
+    assert proc.returncode == 0, proc.stderr
+    pub = audited / "docs" / "results" / "smoke"
+    (pub / "README.md").write_text("note\n")
+    assert dflash(audited, "publish", "smoke", "docs/results/smoke").returncode == 0     # republish keeps the note
+    assert (pub / "README.md").read_text() == "note\n"
+    files = [p for p in pub.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.suffix in (".safetensors", ".pt", ".bin")]
+    assert (pub / "reports" / "smoke" / "report.md").is_file() and (pub / "reports" / "smoke" / "tables").is_dir()
+    omitted = json.loads((pub / "omitted.json").read_text())["files"]
+    assert any(k.startswith("convert/") and k.endswith("model.safetensors") for k in omitted)
+    assert all(k.split("/")[0] in ("target", "train", "convert", "tokenize") for k in omitted)
+
+    proc = dflash(audited, "audit", "smoke", "--results", "docs/results/smoke")
+    assert proc.returncode == 0, proc.stdout
+    head = proc.stdout.splitlines()[0]
+    assert head.endswith(": OK") and f"({len(omitted)} weights files not published" in head
+    assert int(re.findall(r"(\d+) table cells", head)[0]) >= 50
+
+    rec = next((pub / "bench").glob("*/records.jsonl"))
+    rec.write_text(rec.read_text().replace('"accept_lengths": [', '"accept_lengths": [1, ', 1))
+    name = next(k for k in omitted if k.startswith("convert/"))
+    data = json.loads((pub / "omitted.json").read_text())
+    del data["files"][name]
+    (pub / "omitted.json").write_text(json.dumps(data))
+    proc = dflash(audited, "audit", "smoke", "--results", "docs/results/smoke")
+    assert proc.returncode == 1
+    assert f"docs/results/smoke/{rec.relative_to(pub)}: sha256" in proc.stdout
+    assert f"docs/results/smoke/{name}: missing" in proc.stdout
+
+
+def test_publish_refuses_a_changed_file(audited):
+    rel = _bench_dir(audited) / "summary.json"
+    (audited / rel).write_text((audited / rel).read_text() + " ")
+    proc = dflash(audited, "publish", "smoke", "docs/results/smoke")
+    assert proc.returncode == 2 and f"{rel}: missing or changed" in proc.stderr
+    assert not (audited / "docs" / "results" / "smoke").exists()
+    assert not list((audited / "docs" / "results").glob(".tmp-*"))

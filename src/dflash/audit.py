@@ -29,10 +29,10 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dflash import provenance
+from dflash import provenance, publish
 from dflash import references as refs
 from dflash import report as rep
-from dflash.paths import CHECKPOINTS, RESULTS, report_dir, stage_dir
+from dflash.paths import checkpoints_dir, report_dir, results_root, stage_dir
 from dflash.registry import STAGES, Registry, stage_key
 
 KEY = re.compile(r"^[0-9a-f]{12}$")
@@ -65,14 +65,16 @@ class Result:
     dirs: int = 0
     files: int = 0
     cells: int = 0
+    omitted: int = 0     # weights a published tree left out, their recorded sha256 listed in its omitted.json
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
     def summary(self) -> str:
-        head = (f"audit {self.phase}: {self.dirs} directories, {self.files} files, {self.cells} table cells checked: "
-                + ("OK" if self.ok else f"{len(self.problems)} mismatch(es)"))
+        left = f" ({self.omitted} weights files not published, sha256 in {publish.OMITTED})" if self.omitted else ""
+        head = (f"audit {self.phase}: {self.dirs} directories, {self.files} files{left}, {self.cells} table cells "
+                "checked: " + ("OK" if self.ok else f"{len(self.problems)} mismatch(es)"))
         return "\n".join([head, *(f"  {p}" for p in self.problems)])
 
 
@@ -99,6 +101,7 @@ class Auditor:
         self.reg, self.phase, self.ph = reg, phase, reg.phases[phase]
         self.result = Result(phase)
         self.deps: dict[tuple[str, str], set[tuple[str, str]]] = {}   # stage dir -> every stage dir below it
+        self.omitted = publish.omitted_files(results_root())
 
     def problem(self, path, message: str, rows: list[str] | None = None) -> None:
         self.result.problems.append(Problem(str(path), message, rows or []))
@@ -112,6 +115,9 @@ class Auditor:
             p = d / rel
             self.result.files += 1
             if not p.is_file():
+                if self.omitted.get(p.relative_to(results_root()).as_posix()) == digest:
+                    self.result.omitted += 1
+                    continue
                 self.problem(p, "missing (recorded in provenance.json)")
             elif provenance.sha256_file(p) != digest:
                 self.problem(p, f"sha256 {provenance.sha256_file(p)[:16]}... differs from provenance.json "
@@ -301,7 +307,7 @@ class Auditor:
                 else:
                     deps = set()
                 row_deps.append((f"{name}.csv[{'/'.join(str(r.get(k, '')) for k in ROW_KEYS[name])}]", deps))
-        base = RESULTS.parts
+        base = results_root().parts
         for p in self.result.problems:
             parts = Path(p.path).parts
             if len(parts) > len(base) + 1 and parts[:len(base)] == base and parts[len(base)] in STAGES:
@@ -345,7 +351,7 @@ class Auditor:
 
     def check_links(self, runs: dict[str, dict]) -> None:
         for run, keys in runs.items():
-            base = RESULTS / "phases" / self.phase / run
+            base = results_root() / "phases" / self.phase / run
             pairs = [(s, s, k) for s, k in keys.items() if s != "bench"]
             pairs += [(f"bench/{ds}", "bench", k) for ds, k in keys["bench"].items()]
             for name, stage, key in pairs:
@@ -366,25 +372,25 @@ def unreferenced(reg: Registry) -> list[Path]:
     out: list[Path] = []
     keys = {(s, k) for s, k in reg.instances}
     for stage in STAGES:
-        root = RESULTS / stage
+        root = results_root() / stage
         if root.is_dir():
             out += [d for d in sorted(root.iterdir()) if d.name.startswith(".tmp-") or (stage, d.name) not in keys]
-    reports = RESULTS / "reports"
+    reports = results_root() / "reports"
     if reports.is_dir():
         out += [d for d in sorted(reports.iterdir()) if d.name.startswith(".tmp-") or d.name not in reg.phases]
-    links = RESULTS / "phases"
+    links = results_root() / "phases"
     if links.is_dir():
         for d in sorted(links.iterdir()):
             if d.name not in reg.phases:
                 out.append(d)
             elif d.is_dir():
                 out += [r for r in sorted(d.iterdir()) if r.name not in reg.plans[d.name]]
-    if CHECKPOINTS.is_dir():
-        for d in sorted(CHECKPOINTS.iterdir()):
+    if checkpoints_dir().is_dir():
+        for d in sorted(checkpoints_dir().iterdir()):
             stage, _, key = d.name.partition("-")
             if (stage, key) not in keys:
                 out.append(d)
-    logs = RESULTS / "logs"
+    logs = results_root() / "logs"
     for stage in STAGES:
         if (logs / stage).is_dir():
             out += [f for f in sorted((logs / stage).iterdir()) if (stage, f.name.removesuffix(".log")) not in keys]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from dflash.config import ConfigError
 
@@ -45,10 +46,18 @@ def cmd_stage(args) -> int:
     return 0
 
 
+def _use_results(args) -> None:
+    if args.results:
+        from dflash.paths import use_results
+
+        use_results(args.results)
+
+
 def cmd_report(args) -> int:
     from dflash import report
     from dflash.registry import load_registry
 
+    _use_results(args)
     report.build(load_registry(only=[args.phase]), args.phase)
     return 0
 
@@ -94,9 +103,25 @@ def cmd_audit(args) -> int:
     from dflash import audit
     from dflash.registry import load_registry
 
+    _use_results(args)
     result = audit.audit(load_registry(only=[args.phase]), args.phase)
     print(result.summary())
     return 0 if result.ok else 1
+
+
+def cmd_publish(args) -> int:
+    from dflash import publish
+
+    _use_results(args)
+    try:
+        counts = publish.publish(args.phase, Path(args.dest))
+    except ValueError as e:
+        print(f"dflash: error: {e}", file=sys.stderr)
+        return 2
+    print(f"published {args.phase} to {args.dest}: {counts['dirs']} directories, {counts['copied']} files, "
+          f"{counts['omitted']} weights files left out (listed in {publish.OMITTED}); check it with "
+          f"`dflash audit {args.phase} --results {args.dest}`")
+    return 0
 
 
 def cmd_gc(args) -> int:
@@ -129,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(fn=cmd_stage)
     s = sub.add_parser("report", help="build results/reports/PHASE from finished stages")
     s.add_argument("phase")
+    s.add_argument("--results", default=None, help="results tree to read (default: results/; e.g. a published copy)")
     s.set_defaults(fn=cmd_report)
     s = sub.add_parser("provenance", help="the provenance chain from a report, table or stage file down to the data")
     s.add_argument("path")
@@ -145,7 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(fn=cmd_install_profiles)
     s = sub.add_parser("audit", help="verify a phase's report down to the raw records (checksums, keys, every cell)")
     s.add_argument("phase")
+    s.add_argument("--results", default=None, help="results tree to read (default: results/; e.g. a published copy)")
     s.set_defaults(fn=cmd_audit)
+    s = sub.add_parser("publish", help="copy a phase's report and its provenance chain (weights left out) to DEST, "
+                       "e.g. docs/results/PHASE, for `dflash audit PHASE --results DEST`")
+    s.add_argument("phase")
+    s.add_argument("dest")
+    s.add_argument("--results", default=None, help="results tree to copy from (default: results/)")
+    s.set_defaults(fn=cmd_publish)
     s = sub.add_parser("gc", help="list result directories that no phase references (--delete removes them)")
     s.add_argument("--delete", action="store_true", help="remove them")
     s.set_defaults(fn=cmd_gc)

@@ -4,13 +4,29 @@ from pathlib import Path
 
 PHASES_DIR = Path("configs/phases")
 SCHEMA_DIR = Path("workflow/schemas")
-RESULTS = Path("results")
-CHECKPOINTS = RESULTS / "checkpoints"   # outside every declared output: Snakemake never deletes it
+
+_results = Path("results")
+
+
+def results_root() -> Path:
+    """The results tree: `results/` (what Snakemake writes), or a published copy chosen with `use_results`."""
+    return _results
+
+
+def use_results(root: str | Path) -> None:
+    """Read (and, for the report, write) another results tree, e.g. a published copy under docs/results/."""
+    global _results
+    _results = Path(root)
+
+
+def checkpoints_dir() -> Path:
+    """Training work directories, outside every declared output: Snakemake never deletes them."""
+    return _results / "checkpoints"
 
 
 def stage_dir(stage: str, key: str) -> Path:
-    return RESULTS / stage / key
+    return _results / stage / key
 
 
 def report_dir(phase: str) -> Path:
-    return RESULTS / "reports" / phase
+    return _results / "reports" / phase

@@ -20,7 +20,7 @@ from pathlib import Path
 from dflash import provenance
 from dflash import references as refs
 from dflash.config import Phase
-from dflash.paths import RESULTS, report_dir, stage_dir
+from dflash.paths import report_dir, results_root, stage_dir
 from dflash.registry import Registry, data_parallel
 
 FAMILY_ORDER = ("math", "code", "chat")
@@ -464,7 +464,7 @@ def markdown(ph: Phase, data: dict, t: dict[str, list[dict]]) -> str:
 def link_runs(reg: Registry, phase: str) -> None:
     """results/phases/<phase>/<run>/<stage>[/<dataset>] -> the hashed stage directory."""
     for run, plan in reg.plans[phase].items():
-        base = RESULTS / "phases" / phase / run
+        base = results_root() / "phases" / phase / run
         targets = {stage: stage_dir(stage, key) for stage, key in plan.keys.items()}
         targets.update({f"bench/{ds}": stage_dir("bench", key) for ds, key in plan.bench.items()})
         for name, target in targets.items():

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from dflash import provenance
-from dflash.paths import CHECKPOINTS, stage_dir
+from dflash.paths import checkpoints_dir, stage_dir
 from dflash.registry import Registry, StageInstance
 
 
@@ -22,7 +22,7 @@ def _log(msg: str) -> None:
 
 
 def _call(inst: StageInstance, tmp: Path, upstream: dict[str, Path]) -> dict:
-    work = CHECKPOINTS / f"{inst.stage}-{inst.key}"
+    work = checkpoints_dir() / f"{inst.stage}-{inst.key}"
     if inst.stage == "target":
         from dflash import target
         return target.build(inst.config["target"], tmp, _log)

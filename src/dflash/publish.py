@@ -1,0 +1,95 @@
+"""Publish a phase's report with its whole provenance chain as a results tree to commit (e.g. docs/results/PHASE).
+
+The copy mirrors results/ (`reports/<phase>/`, `<stage>/<key>/`), so `dflash audit PHASE --results DEST` checks it
+exactly as it checks results/: checksums, keys, and every table cell recomputed from the raw records. Model weights
+and token tensors (files under a `model/` folder or with a weights suffix) are left out; `omitted.json` lists each
+with the sha256 its stage recorded, so that the audit tells a file left out on purpose from a lost one. Every copied
+file is checked against its provenance first: a changed file is never published.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path, PurePosixPath
+
+from dflash import provenance
+from dflash.paths import report_dir, results_root, stage_dir
+
+OMITTED = "omitted.json"
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".bin", ".gguf")
+
+
+def left_out(rel: str) -> bool:
+    """Whether a stage output (path relative to its directory) is a weights file that is not published."""
+    p = PurePosixPath(rel)
+    return p.suffix in WEIGHT_SUFFIXES or "model" in p.parts[:-1]
+
+
+def chain(phase: str) -> list[Path]:
+    """The report directory of `phase` and every stage directory below it, each once (report first)."""
+    out = report_dir(phase)
+    if not (out / provenance.PROVENANCE).is_file():
+        raise FileNotFoundError(f"{out}: no report ({provenance.PROVENANCE} missing); build it first")
+    todo = [(s, k) for keys in provenance.read(out)["upstream"]["runs"].values() for s, key in keys.items()
+            for k in (key.values() if s == "bench" else [key])]
+    seen: dict[tuple[str, str], Path] = {}
+    while todo:
+        stage, key = todo.pop()
+        if (stage, key) in seen:
+            continue
+        d = stage_dir(stage, key)
+        if not (d / provenance.PROVENANCE).is_file():
+            raise FileNotFoundError(f"{d}: stage directory of {phase}'s report is missing or incomplete")
+        seen[(stage, key)] = d
+        todo += list(provenance.read(d).get("upstream", {}).items())
+    return [out, *(seen[k] for k in sorted(seen))]
+
+
+def publish(phase: str, dest: Path) -> dict:
+    """Copy the report and its chain into `dest` (its entries replaced whole; other files there, e.g. a README, are
+    kept). Returns counts of directories, files copied and files left out."""
+    src = results_root()
+    dest = Path(dest)
+    tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    omitted, copied = {}, 0
+    try:
+        dirs = chain(phase)
+        for d in dirs:
+            rel_dir = d.relative_to(src)
+            prov = provenance.read(d)
+            (tmp / rel_dir).mkdir(parents=True)
+            shutil.copy2(d / provenance.PROVENANCE, tmp / rel_dir / provenance.PROVENANCE)
+            for rel, digest in prov.get("outputs", {}).items():
+                name = str(PurePosixPath(rel_dir.as_posix()) / rel)
+                if left_out(rel):
+                    omitted[name] = digest
+                    continue
+                f = d / rel
+                if not f.is_file() or provenance.sha256_file(f) != digest:
+                    raise ValueError(f"{f}: missing or changed since its stage recorded it; not publishing")
+                (tmp / rel_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f, tmp / rel_dir / rel)
+                copied += 1
+        (tmp / OMITTED).write_text(json.dumps({"reason": "model weights and token tensors are not published; "
+                                               "sha256 as recorded by their stage", "files": omitted},
+                                              indent=1, sort_keys=True) + "\n")
+        dest.mkdir(parents=True, exist_ok=True)
+        for entry in sorted(tmp.iterdir()):
+            target = dest / entry.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+            os.replace(entry, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"dirs": len(dirs), "copied": copied, "omitted": len(omitted)}
+
+
+def omitted_files(root: Path) -> dict[str, str]:
+    """'<stage>/<key>/<file>' -> recorded sha256 of the files a published tree left out ({} for results/)."""
+    path = Path(root) / OMITTED
+    return json.loads(path.read_text())["files"] if path.is_file() else {}
