@@ -5,7 +5,7 @@ import os
 import pytest
 
 from conftest import dflash
-from dflash import stages
+from dflash import provenance, stages
 from dflash.config import load_phase
 from dflash.registry import build
 
@@ -45,3 +45,11 @@ def test_failing_stage_leaves_no_partial_output(in_repo, monkeypatch):
 def test_unknown_key(in_repo):
     proc = dflash(in_repo, "stage", "train", "0123456789ab")
     assert proc.returncode == 2 and "no train stage with key 0123456789ab" in proc.stderr
+
+
+def test_recorded_command_names_no_path_outside_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", [str(tmp_path / ".venv" / "bin" / "dflash"), "stage", "train", "0123456789ab"])
+    assert provenance.command_line() == [".venv/bin/dflash", "stage", "train", "0123456789ab"]
+    monkeypatch.setattr("sys.argv", ["/opt/elsewhere/bin/dflash", "report", "smoke"])
+    assert provenance.command_line() == ["dflash", "report", "smoke"]

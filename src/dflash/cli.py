@@ -58,7 +58,7 @@ def cmd_report(args) -> int:
     from dflash.registry import load_registry
 
     _use_results(args)
-    report.build(load_registry(only=[args.phase]), args.phase)
+    report.build(load_registry(only=[args.phase]), args.phase, links=not args.results)
     return 0
 
 

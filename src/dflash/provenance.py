@@ -73,6 +73,17 @@ def devices() -> dict:
     return info
 
 
+def command_line() -> list[str]:
+    """sys.argv with the program as run from the working directory: relative inside it, else its bare name (no
+    machine's paths in a record)."""
+    prog = Path(sys.argv[0])
+    try:
+        prog = prog.resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        prog = Path(prog.name)
+    return [str(prog), *sys.argv[1:]]
+
+
 def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -82,7 +93,7 @@ def record(stage: str, key: str, config: dict, upstream: dict, directory: Path, 
     return {
         "stage": stage, "key": key, "config": config, "upstream": upstream, "users": [list(u) for u in users],
         "git": git_state(), "packages": packages(), "host": socket.gethostname(), "devices": devices(),
-        "started": started, "ended": now(), "command": sys.argv, "inputs": inputs, "summary": summary,
+        "started": started, "ended": now(), "command": command_line(), "inputs": inputs, "summary": summary,
         "outputs": output_checksums(directory),
     }
 

@@ -488,7 +488,9 @@ def write_outputs(ph: Phase, data: dict, out: Path) -> dict[str, list[dict]]:
     return t
 
 
-def build(reg: Registry, phase: str) -> Path:
+def build(reg: Registry, phase: str, links: bool = True) -> Path:
+    """Write the report of `phase` from its finished stages (atomically), then, unless `links` is off (a published
+    tree), the friendly links results/phases/<phase>/<run>/<stage>."""
     final = report_dir(phase)
     tmp = final.with_name(f".tmp-{phase}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -514,5 +516,6 @@ def build(reg: Registry, phase: str) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    link_runs(reg, phase)
+    if links:
+        link_runs(reg, phase)
     return final
