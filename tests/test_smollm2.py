@@ -3,8 +3,11 @@ local sources (formats, id exclusion, benchmark and duplicate removal, prompt-on
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -300,3 +303,20 @@ def test_phase_data_files_exist():
         paths = [ds["path"] for ds in ph.datasets] + [s["path"] for s in ph.runs["regenerated"]["data"]["sources"]]
         for p in paths:
             assert (ROOT / p).is_file(), p
+
+
+def test_published_results_audit_clean_and_show_the_recipe_gap():
+    """docs/results/smollm2 (the H200 run): every table cell recomputes from its raw records, every file matches
+    its provenance, the report is current for the phase config; (a) beats the floor and (b) on every dataset."""
+    pub = ROOT / "docs" / "results" / "smollm2"
+    proc = subprocess.run([sys.executable, "-m", "dflash.cli", "audit", "smollm2", "--results", str(pub)],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines()[0].endswith(": OK")
+    rows = list(csv.DictReader(open(pub / "reports" / "smollm2" / "tables" / "tau.csv")))
+    tau = {(r["run"], r["dataset"]): float(r["tau"]) for r in rows if r["source"].startswith("bench/")}
+    datasets = {d for _, d in tau}
+    assert len(datasets) == 9 and {r for r, _ in tau} == {"regenerated", "original", "untrained"}
+    for d in datasets:
+        assert tau[("regenerated", d)] > tau[("untrained", d)] == 1.0
+        assert tau[("regenerated", d)] > tau[("original", d)]
