@@ -59,6 +59,17 @@ def sync(dev) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # models
 
+def _build(cls, cfg, dtype, dev):
+    """`cls(cfg)` created directly in `dtype` on `dev` (no float32 copy on the host first)."""
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(dev):
+            return cls(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+
+
 def build_target(s: dict, dtype, dev, seed: int):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -68,13 +79,7 @@ def build_target(s: dict, dtype, dev, seed: int):
                       rope_parameters={"rope_type": "default", "rope_theta": 1e6}, tie_word_embeddings=False,
                       initializer_range=s["init_std"])
     torch.manual_seed(seed)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(dev):
-            model = Qwen3ForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(prev)
+    model = _build(Qwen3ForCausalLM, cfg, dtype, dev)
     return model.to(device=dev, dtype=dtype).eval()
 
 
@@ -83,13 +88,7 @@ def build_drafter(target, n_layers: int, layer_ids: list[int], bs: int, dtype, d
     cfg = DrafterConfig.for_target(t, {"num_layers": n_layers, "num_target_layers": None,
                                        "target_layer_ids": layer_ids, "block_size": bs, "intermediate_size": None},
                                    mask_token_id=t.vocab_size - 1)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(dev):
-            drafter = DFlashDrafter(cfg)
-    finally:
-        torch.set_default_dtype(prev)
+    drafter = _build(DFlashDrafter, cfg, dtype, dev)
     g = torch.Generator(device=dev).manual_seed(seed)
     with torch.no_grad():
         for name, p in drafter.named_parameters():

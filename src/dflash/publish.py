@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path, PurePosixPath
 
 from dflash import provenance
-from dflash.paths import report_dir, results_root, stage_dir
+from dflash.paths import report_dir, stage_dir
 
 OMITTED = "omitted.json"
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".bin", ".gguf")
@@ -27,47 +27,37 @@ def left_out(rel: str) -> bool:
     return p.suffix in WEIGHT_SUFFIXES or "model" in p.parts[:-1]
 
 
-def chain(phase: str) -> list[Path]:
-    """The report directory of `phase` and every stage directory below it, each once (report first)."""
+def _records(phase: str) -> list[dict]:
+    """The provenance records of `phase`'s report and every stage directory below it, each once."""
     out = report_dir(phase)
     if not (out / provenance.PROVENANCE).is_file():
         raise FileNotFoundError(f"{out}: no report ({provenance.PROVENANCE} missing); build it first")
-    todo = [(s, k) for keys in provenance.read(out)["upstream"]["runs"].values() for s, key in keys.items()
-            for k in (key.values() if s == "bench" else [key])]
-    seen: dict[tuple[str, str], Path] = {}
-    while todo:
-        stage, key = todo.pop()
-        if (stage, key) in seen:
-            continue
-        d = stage_dir(stage, key)
-        if not (d / provenance.PROVENANCE).is_file():
-            raise FileNotFoundError(f"{d}: stage directory of {phase}'s report is missing or incomplete")
-        seen[(stage, key)] = d
-        todo += list(provenance.read(d).get("upstream", {}).items())
-    return [out, *(seen[k] for k in sorted(seen))]
+    records = provenance.chain(out)
+    missing = [r["dir"] for r in records if r.get("missing")]
+    if missing:
+        raise FileNotFoundError(f"stage directories of {phase}'s report are missing or incomplete: {missing}")
+    return records
 
 
 def publish(phase: str, dest: Path) -> dict:
     """Copy the report and its chain into `dest` (its entries replaced whole; other files there, e.g. a README, are
     kept). Returns counts of directories, files copied and files left out."""
-    src = results_root()
     dest = Path(dest)
     tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     omitted, copied = {}, 0
     try:
-        dirs = chain(phase)
-        for d in dirs:
-            rel_dir = d.relative_to(src)
-            prov = provenance.read(d)
+        records = _records(phase)
+        for prov in records:
+            src, rel_dir = ((report_dir(phase), PurePosixPath("reports", phase)) if prov["stage"] == "report" else
+                            (stage_dir(prov["stage"], prov["key"]), PurePosixPath(prov["stage"], prov["key"])))
             (tmp / rel_dir).mkdir(parents=True)
-            shutil.copy2(d / provenance.PROVENANCE, tmp / rel_dir / provenance.PROVENANCE)
+            shutil.copy2(src / provenance.PROVENANCE, tmp / rel_dir / provenance.PROVENANCE)
             for rel, digest in prov.get("outputs", {}).items():
-                name = str(PurePosixPath(rel_dir.as_posix()) / rel)
                 if left_out(rel):
-                    omitted[name] = digest
+                    omitted[str(rel_dir / rel)] = digest
                     continue
-                f = d / rel
+                f = src / rel
                 if not f.is_file() or provenance.sha256_file(f) != digest:
                     raise ValueError(f"{f}: missing or changed since its stage recorded it; not publishing")
                 (tmp / rel_dir / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -86,7 +76,7 @@ def publish(phase: str, dest: Path) -> dict:
             os.replace(entry, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"dirs": len(dirs), "copied": copied, "omitted": len(omitted)}
+    return {"dirs": len(records), "copied": copied, "omitted": len(omitted)}
 
 
 def omitted_files(root: Path) -> dict[str, str]:

@@ -294,6 +294,14 @@ def write_csv(path: Path, rows: list[dict], cols: list[str] | None = None) -> No
 FIGURES = ("loss.png", "tau.png", "acceptance.png", "tau_references.png")
 
 
+def _save(fig, path: Path, **kwargs) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, **kwargs)
+    plt.close(fig)
+
+
 def figures(ph: Phase, data: dict, out: Path) -> None:
     import matplotlib
 
@@ -310,9 +318,7 @@ def figures(ph: Phase, data: dict, out: Path) -> None:
     ax2.set(xlabel="step", ylabel="accuracy", title="block accuracy")
     if own:
         ax1.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=110)
-    plt.close(fig)
+    _save(fig, out / "loss.png")
 
     datasets = [d["name"] for d in ph.datasets]
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(datasets) + 2), 3.8))
@@ -325,9 +331,7 @@ def figures(ph: Phase, data: dict, out: Path) -> None:
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(datasets))], datasets, rotation=30, ha="right")
     ax.set(ylabel="tau (incl. bonus)", title="acceptance length per dataset")
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(out / "tau.png", dpi=110)
-    plt.close(fig)
+    _save(fig, out / "tau.png")
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     for run, r in own.items():
@@ -341,9 +345,7 @@ def figures(ph: Phase, data: dict, out: Path) -> None:
     ax2.set(xlabel="draft position k", ylabel="acceptance rate", title="per-position acceptance")
     if own:
         ax1.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(out / "acceptance.png", dpi=110)
-    plt.close(fig)
+    _save(fig, out / "acceptance.png")
 
     reference_figure(ph, data, out / "tau_references.png")
 
@@ -376,9 +378,7 @@ def reference_figure(ph: Phase, data: dict, path: Path) -> None:
         ax.text(0.5, 0.95, "no published reference for this phase's target", transform=ax.transAxes, ha="center",
                 va="top", fontsize="small")
     ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2 if len(data) > 6 else 1)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    _save(fig, path, bbox_inches="tight")
 
 
 # --------------------------------------------------------------------------- markdown
