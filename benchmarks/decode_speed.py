@@ -33,9 +33,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from dflash.fast_decode import clear_decoders, get_decoder  # noqa: E402
-from dflash.model import DFlashDrafter, DrafterConfig, build_target_layer_ids  # noqa: E402
-from dflash.spec_decode import DrafterProposer, dflash_generate, target_generate  # noqa: E402
+from dflash.decoding.fast import clear_decoders, get_decoder  # noqa: E402
+from dflash.decoding.hf import DrafterProposer, dflash_generate, target_generate  # noqa: E402
+from dflash.modeling.drafter import DFlashDrafter, DrafterConfig, build_target_layer_ids  # noqa: E402
 
 FULL = dict(vocab=151936, hidden=4096, inter=12288, layers=36, heads=32, kv=8, head_dim=128, draft_layers=5,
             layer_ids=[1, 9, 17, 25, 33], init_std=0.02)

@@ -23,8 +23,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from dflash import objective
-from dflash.model import DFlashDrafter, DrafterConfig
+from dflash.modeling import objective
+from dflash.modeling.drafter import DFlashDrafter, DrafterConfig
 from dflash.train import block_mask_factory, compile_layers, shard
 
 QWEN3_8B = dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=5, num_attention_heads=32,

@@ -10,10 +10,8 @@ rule bench:
         "../workflow/envs/dflash.yaml"
     log:
         "results/logs/bench/{key}.log",
-    threads: 1
+    threads: stage_threads("bench")
     resources:
-        mem_mb=resource("bench", "mem_mb", 8000),
-        runtime=resource("bench", "runtime", 60),
-        gpu=resource("bench", "gpus", 0),
+        **job_resources("bench"),
     shell:
         "OMP_NUM_THREADS={threads} dflash stage bench {wildcards.key} > {log} 2>&1"

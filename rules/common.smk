@@ -1,11 +1,12 @@
 """Shared helpers: the stage registry (all phases, validated at parse time) and lookups for the rules."""
 
-from dflash.launch import load_cluster, slurm_resources, stage_resources
-from dflash.paths import stage_dir
-from dflash.registry import canonical_json, load_registry
+from dflash.launch.slurm import load_cluster, slurm_resources, stage_resources
+from dflash.plan.keys import canonical_json, load_registry
+from dflash.stages import BY_NAME
 
 REG = load_registry()
 PHASES = sorted(REG.phases)
+CLUSTER = load_cluster()
 
 
 wildcard_constraints:
@@ -14,14 +15,14 @@ wildcard_constraints:
 
 
 def done(stage, key):
-    return str(stage_dir(stage, key) / "provenance.json")
+    return str(REG.results.stage_dir(stage, key) / "provenance.json")
 
 
 def upstream(stage):
     """Input function: the provenance.json of every upstream stage of this stage instance."""
 
     def inputs(wildcards):
-        return [done(s, k) for s, k in REG.get(stage, wildcards.key).upstream.items()]
+        return [done(s, k) for s, k in REG.get(stage, wildcards.key).inputs()]
 
     return inputs
 
@@ -35,42 +36,40 @@ def spec(stage):
     return param
 
 
-def resource(stage, name, default):
-    """Resources function: a value from the phase config's `resources.<stage>` section."""
+def job_resources(stage):
+    """Resources of a rule: every Snakemake resource of this stage's jobs (dflash.launch.slurm.slurm_resources,
+    from `resources.<stage>` and the cluster file). A value all planned instances share is given as a constant
+    (Snakemake then calls nothing per job); None (not requested) is left out."""
+    table = {inst.key: slurm_resources(inst.resources, CLUSTER) for inst in REG.instances.values()
+             if inst.stage == stage} or {None: slurm_resources(None, CLUSTER)}
 
-    def value(wildcards):
-        return REG.get(stage, wildcards.key).resources.get(name, default)
+    def per_job(name):
+        return lambda wildcards: table[wildcards.key][name]
 
-    return value
-
-
-def slurm(stage, name):
-    """Resources function: how this stage instance's job is shaped for the scheduler (dflash.launch.slurm_resources):
-    GPUs per node, nodes, CPUs per GPU, and for several nodes the tasks, mpi, cpus_per_task and --gpus-per-node
-    request (with the GPU type of the cluster file). None (not requested) is dropped by Snakemake."""
-
-    def value(wildcards):
-        return slurm_resources(REG.get(stage, wildcards.key).resources, load_cluster())[name]
-
-    return value
+    out = {}
+    for name in slurm_resources(None):
+        values = {t[name] for t in table.values()}
+        if len(values) > 1:
+            out[name] = per_job(name)
+        elif values != {None}:
+            out[name] = values.pop()
+    return out
 
 
 def stage_threads(stage):
-    """Threads function: CPUs per GPU for a GPU stage (each rank's share), else the stage's `cpus`."""
+    """Threads of a rule: CPUs per GPU for a GPU stage (each rank's share), else the stage table's threads."""
 
-    def value(wildcards):
-        r = stage_resources(REG.get(stage, wildcards.key).resources)
-        return r["cpus_per_gpu"] if r["gpus"] else r["cpus"]
+    def threads(res):
+        r = stage_resources(res)
+        return r["cpus_per_gpu"] if r["gpus"] else BY_NAME[stage].threads
 
-    return value
+    table = {inst.key: threads(inst.resources) for inst in REG.instances.values() if inst.stage == stage}
+    values = set(table.values())
+    return values.pop() if len(values) == 1 else (lambda wildcards: table[wildcards.key])
 
 
 def report_inputs(wildcards):
-    files = []
-    for plan in REG.plans[wildcards.phase].values():
-        files.append(done("train", plan.keys["train"]))
-        files += [done("bench", key) for key in plan.bench.values()]
-    return files
+    return [done(s, k) for s, k in REG.reports[wildcards.phase].inputs() if s in BY_NAME["report"].upstream]
 
 
 def report_key(wildcards):

@@ -10,10 +10,8 @@ rule convert:
         "../workflow/envs/dflash.yaml"
     log:
         "results/logs/convert/{key}.log",
-    threads: 1
+    threads: stage_threads("convert")
     resources:
-        mem_mb=resource("convert", "mem_mb", 8000),
-        runtime=resource("convert", "runtime", 60),
-        gpu=resource("convert", "gpus", 0),
+        **job_resources("convert"),
     shell:
         "OMP_NUM_THREADS={threads} dflash stage convert {wildcards.key} > {log} 2>&1"

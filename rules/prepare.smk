@@ -10,10 +10,8 @@ rule prepare:
         "../workflow/envs/dflash.yaml"
     log:
         "results/logs/prepare/{key}.log",
-    threads: 1
+    threads: stage_threads("prepare")
     resources:
-        mem_mb=resource("prepare", "mem_mb", 8000),
-        runtime=resource("prepare", "runtime", 60),
-        gpu=resource("prepare", "gpus", 0),
+        **job_resources("prepare"),
     shell:
         "OMP_NUM_THREADS={threads} dflash stage prepare {wildcards.key} > {log} 2>&1"

@@ -10,10 +10,8 @@ rule regenerate:
         "../workflow/envs/dflash.yaml"
     log:
         "results/logs/regenerate/{key}.log",
-    threads: 2
+    threads: stage_threads("regenerate")
     resources:
-        mem_mb=resource("regenerate", "mem_mb", 8000),
-        runtime=resource("regenerate", "runtime", 60),
-        gpu=resource("regenerate", "gpus", 0),
+        **job_resources("regenerate"),
     shell:
         "OMP_NUM_THREADS={threads} dflash stage regenerate {wildcards.key} > {log} 2>&1"

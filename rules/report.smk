@@ -1,4 +1,4 @@
-from dflash.references import TABLE as REFERENCES_TABLE
+from dflash.data.references import TABLE as REFERENCES_TABLE
 
 
 rule report:
@@ -54,12 +54,14 @@ rule report:
         provenance="results/reports/{phase}/provenance.json",
     params:
         key=report_key,
+    resources:
+        **job_resources("report"),
     conda:
         "../workflow/envs/dflash.yaml"
     log:
         "results/logs/report/{phase}.log",
     shell:
-        "dflash report {wildcards.phase} > {log} 2>&1"
+        "dflash report {wildcards.phase:q} > {log} 2>&1"
 
 
 for _phase in PHASES:

@@ -10,10 +10,8 @@ rule target:
         "../workflow/envs/dflash.yaml"
     log:
         "results/logs/target/{key}.log",
-    threads: 2
+    threads: stage_threads("target")
     resources:
-        mem_mb=resource("target", "mem_mb", 8000),
-        runtime=resource("target", "runtime", 60),
-        gpu=resource("target", "gpus", 0),
+        **job_resources("target"),
     shell:
         "OMP_NUM_THREADS={threads} dflash stage target {wildcards.key} > {log} 2>&1"

@@ -10,10 +10,8 @@ rule tokenize:
         "../workflow/envs/dflash.yaml"
     log:
         "results/logs/tokenize/{key}.log",
-    threads: 1
+    threads: stage_threads("tokenize")
     resources:
-        mem_mb=resource("tokenize", "mem_mb", 8000),
-        runtime=resource("tokenize", "runtime", 60),
-        gpu=resource("tokenize", "gpus", 0),
+        **job_resources("tokenize"),
     shell:
         "OMP_NUM_THREADS={threads} dflash stage tokenize {wildcards.key} > {log} 2>&1"

@@ -15,14 +15,6 @@ rule train:
         "results/logs/train/{key}.log",
     threads: stage_threads("train")
     resources:
-        mem_mb=resource("train", "mem_mb", 8000),
-        runtime=resource("train", "runtime", 60),
-        gpu=slurm("train", "gpu"),
-        nodes=slurm("train", "nodes"),
-        cpus_per_gpu=slurm("train", "cpus_per_gpu"),
-        cpus_per_task=slurm("train", "cpus_per_task"),
-        tasks=slurm("train", "tasks"),
-        mpi=slurm("train", "mpi"),
-        slurm_extra=slurm("train", "slurm_extra"),
+        **job_resources("train"),
     shell:
         "OMP_NUM_THREADS={threads} dflash launch train {wildcards.key} > {log} 2>&1"

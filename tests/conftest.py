@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import shutil
 import subprocess
@@ -15,11 +16,26 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 BIN = Path(sys.executable).parent
 
 
+def source_files() -> list[str]:
+    """The repository's files: tracked and untracked-but-not-ignored ones from git, or, in a plain copy of the
+    source (a release archive, no .git), every file outside the .gitignore'd folders."""
+    if (ROOT / ".git").exists():
+        return subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.split()
+    lines = [line.strip() for line in (ROOT / ".gitignore").read_text().splitlines() if line.strip()]
+    rooted = {line.strip("/") for line in lines if line.startswith("/")} | {".git"}
+    anywhere = {line.strip("/") for line in lines if not line.startswith("/")}
+
+    def kept(rel: Path) -> bool:
+        return rel.parts[0] not in rooted and not any(fnmatch.fnmatch(part, pat) for part in rel.parts
+                                                      for pat in anywhere)
+
+    return sorted(str(p.relative_to(ROOT)) for p in ROOT.rglob("*") if p.is_file() and kept(p.relative_to(ROOT)))
+
+
 def copy_repo(dest: Path) -> Path:
-    """Tracked and untracked-but-not-ignored files of the repository, copied to `dest` as a fresh git repo."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True,
-                           check=True).stdout.split()
-    for f in files:
+    """The repository's source files (see `source_files`), copied to `dest` as a fresh git repo."""
+    for f in source_files():
         src = ROOT / f
         if src.is_file():
             (dest / f).parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dflash.benchmarks import DATASETS, MATH_SUFFIX, BenchPrompt, load_benchmark, select_indices
+from dflash.data.benchmarks import DATASETS, MATH_SUFFIX, BenchPrompt, load_benchmark, select_indices
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / ".." / "shared" / "data"

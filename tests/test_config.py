@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from conftest import dflash, snakemake
-from dflash.config import ConfigError, load_phase
+from dflash.plan.config import ConfigError, load_phase
 
 
 def write(d, name, doc):

@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from dflash.fast_decode import (
+from dflash.decoding.fast import (
     FastDecoder,
     clear_decoders,
     fast_dflash_generate,
     fast_target_generate,
     get_decoder,
 )
-from dflash.model import DFlashDrafter, DrafterConfig
-from dflash.spec_decode import DrafterProposer, dflash_generate, target_generate
+from dflash.decoding.hf import DrafterProposer, dflash_generate, target_generate
+from dflash.modeling.drafter import DFlashDrafter, DrafterConfig
 from test_model import _drafter, tiny_target
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,114 +15,107 @@ from pathlib import Path
 import pytest
 
 from conftest import BIN, ROOT, copy_repo, dflash, env
-from dflash import launch
+from dflash.launch import commands, profiles, slurm
 
 CLUSTER = {"account": "proj1", "partition": "cpu", "gpu_partition": "gpu", "gpu_model": "h100", "qos": None,
            "constraint": None}
 
 
 def test_slurm_resources_cpu_one_node_and_multi_node():
-    cpu = launch.slurm_resources({"cpus": 4, "mem_mb": 1000, "runtime": 5}, CLUSTER)
+    cpu = slurm.slurm_resources({"cpus": 4, "mem_mb": 1000, "runtime": 5}, CLUSTER)
     assert cpu["gpu"] == 0 and cpu["slurm_partition"] == "cpu" and cpu["slurm_account"] == "proj1"
     assert cpu["cpus_per_gpu"] is None and cpu["cpus_per_task"] == 4 and cpu["mpi"] is None
     assert cpu["gpu_model"] is None and cpu["nodes"] == 1 and (cpu["mem_mb"], cpu["runtime"]) == (1000, 5)
 
-    one = launch.slurm_resources({"gpus": 8, "cpus_per_gpu": 12}, CLUSTER)
+    one = slurm.slurm_resources({"gpus": 8, "cpus_per_gpu": 12}, CLUSTER)
     assert (one["gpu"], one["nodes"], one["cpus_per_gpu"], one["gpu_model"]) == (8, 1, 12, "h100")
     assert one["slurm_partition"] == "gpu"
     assert one["cpus_per_task"] is None and one["tasks"] is None and one["mpi"] is None   # cpus_per_task would win
 
-    two = launch.slurm_resources({"gpus": 8, "nodes": 2, "cpus_per_gpu": 12}, CLUSTER)
+    two = slurm.slurm_resources({"gpus": 8, "nodes": 2, "cpus_per_gpu": 12}, CLUSTER)
     assert (two["nodes"], two["tasks"], two["mpi"], two["cpus_per_task"]) == (2, 2, "srun", 96)
     assert two["gpu"] == 0 and two["cpus_per_gpu"] is None and two["gpu_model"] is None   # no --gpus, no ntasks-per-gpu
     assert two["slurm_extra"] == "--gpus-per-node=h100:8"
-    assert launch.slurm_resources({"gpus": 4, "nodes": 2}, {})["slurm_extra"] == "--gpus-per-node=4"
+    assert slurm.slurm_resources({"gpus": 4, "nodes": 2}, {})["slurm_extra"] == "--gpus-per-node=4"
     # an unset gpu partition falls back to the partition; unset cluster values are not requested
-    assert launch.slurm_resources({"gpus": 1}, {**CLUSTER, "gpu_partition": None})["slurm_partition"] == "cpu"
-    assert launch.slurm_resources({"gpus": 1}, None)["slurm_partition"] is None
+    assert slurm.slurm_resources({"gpus": 1}, {**CLUSTER, "gpu_partition": None})["slurm_partition"] == "cpu"
+    assert slurm.slurm_resources({"gpus": 1}, None)["slurm_partition"] is None
 
 
 def test_cluster_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv(launch.CLUSTER_ENV, raising=False)
-    assert launch.load_cluster() == dict.fromkeys(launch.CLUSTER_KEYS)       # no file: cluster defaults
+    monkeypatch.delenv(slurm.CLUSTER_ENV, raising=False)
+    assert slurm.load_cluster() == dict.fromkeys(slurm.CLUSTER_KEYS)       # no file: cluster defaults
     f = tmp_path / "c.yaml"
     f.write_text("account: 123456\npartition: gpu-a\ngpu_model: null\n")
-    monkeypatch.setenv(launch.CLUSTER_ENV, str(f))
-    got = launch.load_cluster()
+    monkeypatch.setenv(slurm.CLUSTER_ENV, str(f))
+    got = slurm.load_cluster()
     assert got["account"] == "123456" and got["partition"] == "gpu-a" and got["gpu_model"] is None
     f.write_text("acount: x\n")
-    with pytest.raises(launch.ConfigError, match="unknown key 'acount'"):
-        launch.load_cluster()
-    monkeypatch.setenv(launch.CLUSTER_ENV, str(tmp_path / "missing.yaml"))
-    with pytest.raises(launch.ConfigError, match="not found"):
-        launch.load_cluster()
+    with pytest.raises(slurm.ConfigError, match="unknown key 'acount'"):
+        slurm.load_cluster()
+    monkeypatch.setenv(slurm.CLUSTER_ENV, str(tmp_path / "missing.yaml"))
+    with pytest.raises(slurm.ConfigError, match="not found"):
+        slurm.load_cluster()
 
 
 def test_repo_cluster_file_is_all_defaults():
     """The tracked template requests nothing, so a cluster without accounts or named partitions works as is."""
-    assert launch.load_cluster(ROOT / launch.CLUSTER_FILE) == dict.fromkeys(launch.CLUSTER_KEYS)
+    assert slurm.load_cluster(ROOT / slurm.CLUSTER_FILE) == dict.fromkeys(slurm.CLUSTER_KEYS)
 
 
-def test_profile_resource_looks_up_the_stage(monkeypatch):
-    class Inst:
-        resources = {"gpus": 2, "cpus_per_gpu": 6, "mem_mb": 1234}
-
-    class WC:
-        key = "0123456789ab"
-
-    monkeypatch.setattr(launch, "_instances_by_key", lambda: {"0123456789ab": Inst()})
-    monkeypatch.setattr(launch, "load_cluster", lambda: CLUSTER)
-    assert launch.profile_resource("cpus_per_gpu", WC()) == 6
-    assert launch.profile_resource("slurm_partition", WC()) == "gpu"
-    assert launch.profile_resource("gpu_model", WC()) == "h100"
-    assert launch.profile_resource("mem_mb", WC()) == 1234
-    assert launch.profile_resource("slurm_partition", None) == "cpu"            # report: no stage key
-    assert launch.profile_resource("gpu_model", None) is None
-    assert launch.profile_resource("cpus_per_task", WC()) is None             # would beat cpus_per_gpu
-    assert launch.profile_resource("cpus_per_task", None) == 2                # a CPU job: its `cpus`
-    with pytest.raises(ValueError):
-        launch.profile_resource("slurm_extra", WC())
+def test_resources_reach_snakemake_through_one_function():
+    """rules/common.smk gives every rule slurm_resources(stage resources, cluster); the profile adds nothing."""
+    gpu = slurm.slurm_resources({"gpus": 2, "cpus_per_gpu": 6, "mem_mb": 1234}, CLUSTER)
+    assert (gpu["cpus_per_gpu"], gpu["slurm_partition"], gpu["gpu_model"], gpu["mem_mb"]) == (6, "gpu", "h100", 1234)
+    assert gpu["cpus_per_task"] is None                                       # would beat cpus_per_gpu
+    cpu = slurm.slurm_resources(None, CLUSTER)                               # the report: no stage key
+    assert (cpu["slurm_partition"], cpu["gpu_model"], cpu["cpus_per_task"]) == ("cpu", None, 2)
+    profile = (ROOT / "workflow/profiles/slurm/config.yaml").read_text()
+    assert "default-resources" not in profile and "__import__" not in profile
+    common = (ROOT / "rules/common.smk").read_text()
+    assert "slurm_resources(" in common and all("**job_resources(" in p.read_text()
+                                                for p in (ROOT / "rules").glob("*.smk") if p.name != "common.smk")
 
 
 # ---- launch commands ----------------------------------------------------------------------------------------------
 
 def test_launch_command_single_process(monkeypatch):
-    monkeypatch.setattr(launch, "dflash_exe", lambda: "dflash")
+    monkeypatch.setattr(commands, "dflash_exe", lambda: "dflash")
     for res in ({}, {"gpus": 1}, {"gpus": 1, "launcher": "ray"}, {"gpus": 0, "launcher": "ray"}):
-        assert launch.launch_command("train", "abc", res, env={}) == ["dflash", "stage", "train", "abc"]
+        assert commands.launch_command("train", "abc", res, env={}) == ["dflash", "stage", "train", "abc"]
 
 
 def test_launch_command_torchrun_one_node(monkeypatch):
-    monkeypatch.setattr(launch, "dflash_exe", lambda: "dflash")
-    assert launch.launch_command("train", "abc", {"gpus": 8}, env={}) == [
+    monkeypatch.setattr(commands, "dflash_exe", lambda: "dflash")
+    assert commands.launch_command("train", "abc", {"gpus": 8}, env={}) == [
         "torchrun", "--standalone", "--nnodes=1", "--nproc-per-node=8", "--no-python", "dflash", "stage", "train",
         "abc"]
 
 
 def test_launch_command_torchrun_nodes(monkeypatch):
-    monkeypatch.setattr(launch, "dflash_exe", lambda: "dflash")
-    monkeypatch.setattr(launch, "allocation_nodes", lambda env: ["gpu07", "gpu08", "gpu09"])
-    monkeypatch.setattr(launch, "free_ports", lambda n, rng=None: 29611)
-    argv = launch.launch_command("train", "abc", {"gpus": 8, "nodes": 3, "cpus_per_gpu": 4},
+    monkeypatch.setattr(commands, "dflash_exe", lambda: "dflash")
+    monkeypatch.setattr(commands, "allocation_nodes", lambda env: ["gpu07", "gpu08", "gpu09"])
+    monkeypatch.setattr(commands, "free_ports", lambda n, rng=None: 29611)
+    argv = commands.launch_command("train", "abc", {"gpus": 8, "nodes": 3, "cpus_per_gpu": 4},
                                  env={"SLURM_JOB_ID": "4242"})
     assert argv == ["srun", "--nodes=3", "--ntasks=3", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
                     "--cpus-per-task=32", "--gpus-per-node=8",
                     "torchrun", "--nnodes=3", "--nproc-per-node=8", "--rdzv-backend=c10d",
                     "--rdzv-endpoint=gpu07:29611", "--rdzv-id=4242", "--no-python", "dflash", "stage", "train", "abc"]
-    monkeypatch.setattr(launch, "allocation_nodes", lambda env: ["gpu07"])
+    monkeypatch.setattr(commands, "allocation_nodes", lambda env: ["gpu07"])
     with pytest.raises(RuntimeError, match="asks for 3 nodes"):
-        launch.launch_command("train", "abc", {"gpus": 8, "nodes": 3}, env={"SLURM_JOB_ID": "4242"})
+        commands.launch_command("train", "abc", {"gpus": 8, "nodes": 3}, env={"SLURM_JOB_ID": "4242"})
 
 
 def test_allocation_nodes_needs_slurm():
     with pytest.raises(RuntimeError, match="inside a Slurm allocation"):
-        launch.allocation_nodes({})
+        commands.allocation_nodes({})
 
 
 def test_ray_one_node_script(monkeypatch):
-    monkeypatch.setattr(launch, "dflash_exe", lambda: "dflash")
-    argv = launch.launch_command("train", "abc", {"gpus": 4, "cpus_per_gpu": 2, "launcher": "ray"},
+    monkeypatch.setattr(commands, "dflash_exe", lambda: "dflash")
+    argv = commands.launch_command("train", "abc", {"gpus": 4, "cpus_per_gpu": 2, "launcher": "ray"},
                                  env={"SLURM_JOB_ID": "77"}, rng=random.Random(0))
     assert argv[:2] == ["bash", "-c"]
     script = argv[2]
@@ -130,27 +123,27 @@ def test_ray_one_node_script(monkeypatch):
     opts = dict(o.split("=", 1) for o in shlex.split(head)[3:] if "=" in o)
     assert opts["--node-ip-address"] == "127.0.0.1" and opts["--num-gpus"] == "4" and opts["--num-cpus"] == "8"
     assert opts["--temp-dir"].endswith("dflash-ray-77") and "--block" in head
-    ports = [int(opts[f"--{n}"]) for n in launch.RAY_PORT_NAMES if f"--{n}" in opts]
-    assert len(ports) >= len(launch.RAY_PORT_NAMES) - 1                     # the client port only with ray[client]
+    ports = [int(opts[f"--{n}"]) for n in commands.RAY_PORT_NAMES if f"--{n}" in opts]
+    assert len(ports) >= len(commands.RAY_PORT_NAMES) - 1                     # the client port only with ray[client]
     assert len(set(ports)) == len(ports) and int(opts["--min-worker-port"]) > max(ports)
-    assert ("--ray-client-server-port" in opts) == launch.ray_client_installed()
+    assert ("--ray-client-server-port" in opts) == commands.ray_client_installed()
     assert "srun" not in script and "ray stop" not in script                  # never stop other jobs' Ray
     last = script.strip().splitlines()[-1]
     assert last == (f"DFLASH_LAUNCHER=ray DFLASH_RAY_ADDRESS=127.0.0.1:{opts['--port']} DFLASH_RAY_WORKERS=4 "
                     "dflash stage train abc")
     assert "trap cleanup EXIT" in script
     # another job on the same node: its own ports and temp dir
-    other = launch.launch_command("train", "abc", {"gpus": 4, "launcher": "ray"}, env={"SLURM_JOB_ID": "78"},
+    other = commands.launch_command("train", "abc", {"gpus": 4, "launcher": "ray"}, env={"SLURM_JOB_ID": "78"},
                                   rng=random.Random(1))[2]
     assert "dflash-ray-78" in other and f"--port={opts['--port']} " not in other
 
 
 def test_ray_multi_node_script(monkeypatch):
-    monkeypatch.setattr(launch, "dflash_exe", lambda: "dflash")
-    monkeypatch.setattr(launch, "allocation_nodes", lambda env: ["n1", "n2", "n3"])
-    monkeypatch.setattr(launch.socket, "gethostname", lambda: "n1.cluster")
-    monkeypatch.setattr(launch, "host_ip", lambda host: "10.0.0.1")
-    script = launch.launch_command("train", "k", {"gpus": 8, "nodes": 3, "cpus_per_gpu": 4, "launcher": "ray"},
+    monkeypatch.setattr(commands, "dflash_exe", lambda: "dflash")
+    monkeypatch.setattr(commands, "allocation_nodes", lambda env: ["n1", "n2", "n3"])
+    monkeypatch.setattr(commands.socket, "gethostname", lambda: "n1.cluster")
+    monkeypatch.setattr(commands, "host_ip", lambda host: "10.0.0.1")
+    script = commands.launch_command("train", "k", {"gpus": 8, "nodes": 3, "cpus_per_gpu": 4, "launcher": "ray"},
                                    env={"SLURM_JOB_ID": "9"}, rng=random.Random(0))[2]
     head = next(line for line in script.splitlines() if line.startswith("ray start --head"))
     port = dict(o.split("=", 1) for o in shlex.split(head) if "=" in o)["--port"]
@@ -184,12 +177,12 @@ fi
 echo "$DFLASH_LAUNCHER $DFLASH_RAY_ADDRESS $DFLASH_RAY_WORKERS $*" >> {tmp_path}/stage.out
 exit ${{STAGE_RC:-0}}
 """)
-    monkeypatch.setattr(launch, "dflash_exe", lambda: str(stage))
+    monkeypatch.setattr(commands, "dflash_exe", lambda: str(stage))
     for rc in (0, 3):
         for f in ("head.pid", "head.stopped"):
             (tmp_path / f).unlink(missing_ok=True)
         temp = tmp_path / f"ray-tmp-{rc}"
-        script = launch.ray_script("train", "abc", 2, 4, base_port=41000, temp_dir=str(temp))
+        script = commands.ray_script("train", "abc", 2, 4, base_port=41000, temp_dir=str(temp))
         proc = subprocess.run(["bash", "-c", script], env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
                                                            "STAGE_RC": str(rc)}, timeout=60)
         assert proc.returncode == rc
@@ -205,8 +198,8 @@ def test_torchrun_runs_every_rank(tmp_path, monkeypatch):
     stage = _exe(tmp_path / "stage", f"""#!/usr/bin/env bash
 echo "$RANK/$WORLD_SIZE $*" >> {tmp_path}/ranks.out
 """)
-    monkeypatch.setattr(launch, "dflash_exe", lambda: str(stage))
-    argv = launch.launch_command("train", "abc", {"gpus": 2}, env={})
+    monkeypatch.setattr(commands, "dflash_exe", lambda: str(stage))
+    argv = commands.launch_command("train", "abc", {"gpus": 2}, env={})
     argv[0] = str(BIN / "torchrun")
     subprocess.run(argv, check=True, capture_output=True, timeout=120)
     assert sorted((tmp_path / "ranks.out").read_text().splitlines()) == ["0/2 stage train abc", "1/2 stage train abc"]
@@ -218,9 +211,9 @@ def test_launch_run_execs(monkeypatch, capsys):
             return type("I", (), {"resources": {"gpus": 8}})()
 
     seen = []
-    monkeypatch.setattr(launch, "dflash_exe", lambda: "dflash")
-    monkeypatch.setattr(launch.os, "execvp", lambda exe, argv: seen.append(argv))
-    launch.run(Reg(), "train", "abc")
+    monkeypatch.setattr(commands, "dflash_exe", lambda: "dflash")
+    monkeypatch.setattr(commands.os, "execvp", lambda exe, argv: seen.append(argv))
+    commands.run(Reg(), "train", "abc")
     assert seen == [["torchrun", "--standalone", "--nnodes=1", "--nproc-per-node=8", "--no-python", "dflash",
                      "stage", "train", "abc"]]
     assert "torchrun --standalone" in capsys.readouterr().err
@@ -230,18 +223,18 @@ def test_launch_run_execs(monkeypatch, capsys):
 
 def test_install_profiles(tmp_path):
     dest = tmp_path / "snakemake"
-    profiles = ROOT / launch.PROFILES_DIR
-    out = launch.install_profiles(dest, profiles)
+    src = ROOT / profiles.PROFILES_DIR
+    out = profiles.install_profiles(dest, src)
     assert {"local", "slurm"} <= {p.name for p in dest.iterdir()}
-    assert (dest / "slurm").resolve() == (profiles / "slurm").resolve()
-    assert all("unchanged" in line for line in launch.install_profiles(dest, profiles))
+    assert (dest / "slurm").resolve() == (src / "slurm").resolve()
+    assert all("unchanged" in line for line in profiles.install_profiles(dest, src))
     (dest / "slurm").unlink()
     (dest / "slurm").symlink_to(tmp_path)                                     # a link to another checkout: repointed
-    launch.install_profiles(dest, profiles)
-    assert (dest / "slurm").resolve() == (profiles / "slurm").resolve()
+    profiles.install_profiles(dest, src)
+    assert (dest / "slurm").resolve() == (src / "slurm").resolve()
     (dest / "local").unlink()
     (dest / "local").mkdir()                                                  # a user's own profile: left alone
-    lines = launch.install_profiles(dest, profiles)
+    lines = profiles.install_profiles(dest, src)
     assert any("left alone" in line for line in lines) and (dest / "local").is_dir()
     assert not (dest / "local").is_symlink() and out
 
@@ -420,10 +413,10 @@ import os, ray
 ray.init(address=os.environ["DFLASH_RAY_ADDRESS"])
 print("task", ray.get(ray.remote(lambda: 42).remote()), os.environ["DFLASH_RAY_WORKERS"])
 """)
-    monkeypatch.setattr(launch, "dflash_exe", lambda: str(stage))
-    temp = Path(launch.ray_temp_dir(f"test{os.getpid()}"))                   # Ray's socket paths must stay short
-    script = launch.ray_script("train", "abc", 0, 1, base_port=launch.free_ports(80), temp_dir=str(temp),
-                               client=launch.ray_client_installed())
+    monkeypatch.setattr(commands, "dflash_exe", lambda: str(stage))
+    temp = Path(commands.ray_temp_dir(f"test{os.getpid()}"))                   # Ray's socket paths must stay short
+    script = commands.ray_script("train", "abc", 0, 1, base_port=commands.free_ports(80), temp_dir=str(temp),
+                               client=commands.ray_client_installed())
     proc = subprocess.Popen(["bash", "-c", script], env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     try:
@@ -440,23 +433,23 @@ print("task", ray.get(ray.remote(lambda: 42).remote()), os.environ["DFLASH_RAY_W
 
 
 def test_ray_temp_dir_stays_short(monkeypatch):
-    monkeypatch.setattr(launch.tempfile, "gettempdir", lambda: "/scratch/" + "x" * 60)
-    assert len(launch.ray_temp_dir("123456789")) <= 44
-    monkeypatch.setattr(launch.tempfile, "gettempdir", lambda: "/tmp")
-    assert launch.ray_temp_dir("12") == "/tmp/dflash-ray-12"
+    monkeypatch.setattr(commands.tempfile, "gettempdir", lambda: "/scratch/" + "x" * 60)
+    assert len(commands.ray_temp_dir("123456789")) <= 44
+    monkeypatch.setattr(commands.tempfile, "gettempdir", lambda: "/tmp")
+    assert commands.ray_temp_dir("12") == "/tmp/dflash-ray-12"
 
 
 def test_inference_gpus_get_no_training_rank(monkeypatch):
     """phase_k's 2I+6T layout: all 8 GPUs allocated, 6 training ranks (the train key's data-parallel size)."""
-    monkeypatch.setattr(launch, "dflash_exe", lambda: "dflash")
+    monkeypatch.setattr(commands, "dflash_exe", lambda: "dflash")
     res = {"gpus": 8, "inference_gpus": 2}
-    assert launch.training_ranks(res) == 6
-    assert launch.slurm_resources(res, CLUSTER)["gpu"] == 8
-    assert "--nproc-per-node=6" in launch.launch_command("train", "k", res, env={})
-    script = launch.launch_command("train", "k", {**res, "launcher": "ray"}, env={}, rng=random.Random(0))[2]
+    assert commands.training_ranks(res) == 6
+    assert slurm.slurm_resources(res, CLUSTER)["gpu"] == 8
+    assert "--nproc-per-node=6" in commands.launch_command("train", "k", res, env={})
+    script = commands.launch_command("train", "k", {**res, "launcher": "ray"}, env={}, rng=random.Random(0))[2]
     assert "--num-gpus=8" in script and "DFLASH_RAY_WORKERS=6 " in script
-    monkeypatch.setattr(launch, "allocation_nodes", lambda env: ["a", "b"])
-    argv = launch.launch_command("train", "k", {**res, "nodes": 2}, env={"SLURM_JOB_ID": "1"})
+    monkeypatch.setattr(commands, "allocation_nodes", lambda env: ["a", "b"])
+    argv = commands.launch_command("train", "k", {**res, "nodes": 2}, env={"SLURM_JOB_ID": "1"})
     assert "--nproc-per-node=6" in argv and "--gpus-per-node=8" in argv and "--nnodes=2" in argv
-    assert launch.launch_command("train", "k", {"gpus": 2, "inference_gpus": 1}, env={}) == [
+    assert commands.launch_command("train", "k", {"gpus": 2, "inference_gpus": 1}, env={}) == [
         "dflash", "stage", "train", "k"]                                      # one training rank: no torchrun

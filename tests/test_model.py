@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from dflash.model import DFlashDrafter, DrafterConfig, build_target_layer_ids, target_features
+from dflash.modeling.drafter import DFlashDrafter, DrafterConfig, build_target_layer_ids, target_features
 
 
 def tiny_target(layers=6, vocab=64, hidden=32, seed=0):
@@ -87,7 +87,7 @@ def test_block_mask_path_equals_dense_mask_path():
     """The FlexAttention BlockMask and the dense SDPA mask come from one mask_mod and give the same output."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    from dflash import objective
+    from dflash.modeling import objective
 
     target = tiny_target()
     d = _drafter(target)

@@ -5,7 +5,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from dflash import objective
+from dflash.modeling import objective
 
 
 def reference(input_ids, loss_mask, anchors, keep, bs, mask_id, gamma, logits):

@@ -6,10 +6,10 @@ import pytest
 import yaml
 
 from conftest import SHARED_DATA
-from dflash import references as refs
-from dflash import report
-from dflash.benchmarks import DATASETS
-from dflash.config import ConfigError, load_phase
+from dflash.data import references as refs
+from dflash.data.benchmarks import DATASETS
+from dflash.plan.config import ConfigError, load_phase
+from dflash.results import report
 
 PUBLISHED = SHARED_DATA.parent / "references" / "published.csv"
 EXTRA = {("torchspec_pr51", "phase_h_gsm8k_rebench")}      # from the seed PR's notes, not in published.csv

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 from test_sglang_engine import build_tiny_target, fake_server_command, write_fake_server
 
-from dflash import prepare, regenerate, sglang_engine
+from dflash.decoding import sglang as sglang_engine
+from dflash.stages import prepare, regenerate
+from dflash.stages.runner import Context
 
 N_PROMPTS, CHUNK = 10, 4            # three chunks: 4 + 4 + 2
 
@@ -46,21 +48,22 @@ def reference(upstream, tmp_path_factory) -> tuple[str, dict]:
     """An uninterrupted HF run: the output every resumed run must reproduce."""
     root = tmp_path_factory.mktemp("reference")
     (root / "out").mkdir()
-    result = regenerate.run(_cfg(), root / "out", upstream, root / "work", log=lambda *_: None)
+    result = regenerate.run(Context(_cfg(), root / "out", upstream, root / "work", log=lambda *_: None))
     return (root / "out" / prepare.OUTPUT).read_text(), result["summary"]
 
 
 def _run(upstream, tmp_path: Path, cfg: dict, name: str = "out", work: str = "work") -> tuple[str, dict]:
     out = tmp_path / name
     out.mkdir()
-    result = regenerate.run(cfg, out, upstream, tmp_path / work, log=lambda *_: None)
+    result = regenerate.run(Context(cfg, out, upstream, tmp_path / work, log=lambda *_: None))
     return (out / prepare.OUTPUT).read_text(), result["summary"]
 
 
 KILLED_RUN = r'''
 import json, sys, time
 from pathlib import Path
-from dflash import regenerate
+from dflash.stages import regenerate
+from dflash.stages.runner import Context
 
 generate = regenerate._generate
 
@@ -73,7 +76,7 @@ def slow(*args, **kwargs):          # every batch takes a while, so the kill lan
 
 regenerate._generate = slow
 cfg, out, target, prep, work = json.loads(sys.argv[1]), *map(Path, sys.argv[2:6])
-regenerate.run(cfg, out, {"target": target, "prepare": prep}, work)
+regenerate.run(Context(cfg, out, {"target": target, "prepare": prep}, work))
 '''
 
 

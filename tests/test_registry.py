@@ -2,8 +2,8 @@
 
 import copy
 
-from dflash.config import load_phase
-from dflash.registry import build, stage_key
+from dflash.plan.config import load_phase
+from dflash.plan.keys import build, stage_key
 
 
 def _keys(phase):

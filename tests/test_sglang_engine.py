@@ -12,8 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from dflash import bench, metrics, sglang_engine
-from dflash.sglang_engine import ServerError, ServerSpec, SGLangServer
+from dflash.decoding import metrics
+from dflash.decoding import sglang as sglang_engine
+from dflash.decoding.sglang import ServerError, ServerSpec, SGLangServer
+from dflash.ports import PORT_SPAN, free_ports
+from dflash.stages import bench
+from dflash.stages.runner import Context
 
 # A stand-in for `python -m sglang.launch_server`: the same HTTP surface (/health_generate, /generate streamed or
 # not, /flush_cache), deterministic answers (a function of the prompt text), and switches for the failure paths.
@@ -127,7 +131,7 @@ def build_tiny_target(directory: Path) -> Path:
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from dflash.target import TARGET_JSON, train_tokenizer
+    from dflash.stages.target import TARGET_JSON, train_tokenizer
 
     texts = [f"what is {i} plus {i * 7 % 13}? the answer is {i + i * 7 % 13}." for i in range(60)]
     tokenizer = train_tokenizer(texts, 300)
@@ -173,21 +177,24 @@ def test_server_commands_are_pinned():
     assert sglang_engine.with_port(sglang_engine.server_command(spec), 4242)[8] == "4242"
 
 
-def test_free_ports_are_bindable_and_distinct():
+def test_free_ports_are_bindable_distinct_and_pass_sglangs_port_check():
     import socket
 
-    ports = [sglang_engine.free_port() for _ in range(5)]
-    assert len(set(ports)) == 5
-    for port in ports:
+    ports = [free_ports(1, "127.0.0.1") for _ in range(50)]
+    assert len(set(ports)) == 50
+    # SGLang adds 10000 for its gRPC port and refuses anything above 65535
+    assert all(PORT_SPAN[0] <= p and p + 10000 <= 65535 for p in ports)
+    for port in ports[:5]:
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))
 
 
-def test_options_fill_defaults_and_reject_unknown_keys():
-    opt = sglang_engine.options({"concurrency": 4, "sglang": {"tp_size": 2}})
+def test_options_fill_schema_defaults_and_reject_unknown_keys():
+    opt = sglang_engine.options({"sglang": {"tp_size": 2}}, 4)
     assert opt["concurrency"] == 4 and opt["tp_size"] == 2 and opt["stream"] is True
+    assert sglang_engine.options({"sglang": {"concurrency": 3}}, 4)["concurrency"] == 3
     with pytest.raises(ValueError, match="tp_sizes"):
-        sglang_engine.options({"sglang": {"tp_sizes": 2}})
+        sglang_engine.options({"sglang": {"tp_sizes": 2}}, 1)
 
 
 def test_missing_sglang_is_a_clear_error(tmp_path, monkeypatch):
@@ -196,7 +203,7 @@ def test_missing_sglang_is_a_clear_error(tmp_path, monkeypatch):
         sglang_engine.require_sglang()
     cfg = {"bench": {"engine": "sglang"}, "dataset": {"name": "synthetic_math", "n": 2}}
     with pytest.raises(sglang_engine.SGLangUnavailable, match="engine 'sglang'"):
-        bench.run(cfg, tmp_path, {})
+        bench.run(Context(cfg, tmp_path, {}, tmp_path))
 
 
 def test_old_sglang_is_refused(monkeypatch):
@@ -329,7 +336,7 @@ def test_run_bench_with_fake_servers(fake, tmp_path, monkeypatch):
            "dataset": {"name": "synthetic_math", "n": 3, "seed": 0}}
     out = tmp_path / "out"
     out.mkdir()
-    result = bench.run(cfg, out, {"target": target, "convert": draft}, log=lambda *_: None)
+    result = bench.run(Context(cfg, out, {"target": target, "convert": draft}, tmp_path, log=lambda *_: None))
 
     assert [s.draft_model_path for s in seen] == [str(draft.resolve()), None]
     assert seen[0].block_size == 8 and seen[0].dtype == "bfloat16"

@@ -132,7 +132,7 @@ def test_torchrun_launch_inside_a_gpu_allocation(tmp_path):
     stub.chmod(0o755)
     job = tmp_path / "job.py"
     job.write_text(f"""import os, subprocess
-from dflash import launch
+from dflash.launch import commands as launch
 keep = {{"SLURM_JOB_ID", "SLURM_JOBID", "SLURM_CLUSTER_NAME", "SLURM_SUBMIT_DIR", "SLURM_SUBMIT_HOST"}}
 env = {{k: v for k, v in os.environ.items() if not k.startswith("SLURM_") or k in keep}}
 print("nodes", launch.allocation_nodes(env))

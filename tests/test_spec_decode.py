@@ -2,8 +2,8 @@
 
 import torch
 
-from dflash.metrics import summarize
-from dflash.spec_decode import dflash_generate, target_generate
+from dflash.decoding.hf import dflash_generate, target_generate
+from dflash.decoding.metrics import summarize
 from test_model import _drafter, tiny_target
 
 PROMPT = [5, 17, 3, 42, 8, 9, 11]

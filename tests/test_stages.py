@@ -5,9 +5,10 @@ import os
 import pytest
 
 from conftest import dflash
-from dflash import provenance, stages
-from dflash.config import load_phase
-from dflash.registry import build
+from dflash.plan.config import load_phase
+from dflash.plan.keys import build
+from dflash.results import provenance
+from dflash.stages import runner
 
 
 @pytest.fixture
@@ -30,14 +31,14 @@ def test_failing_stage_leaves_no_partial_output(in_repo, monkeypatch):
     reg = build({"smoke": load_phase("smoke")})
     key = reg.plans["smoke"]["main"].keys["prepare"]
 
-    def boom(cfg, out, log=print):
-        (out / "conversations.jsonl").write_text("half")
+    def boom(ctx):
+        (ctx.out / "conversations.jsonl").write_text("half")
         raise RuntimeError("killed")
 
-    monkeypatch.setattr("dflash.prepare.run", boom)
+    monkeypatch.setattr("dflash.stages.prepare.run", boom)
     (in_repo / "results" / "prepare" / key).mkdir(parents=True)        # the placeholder Snakemake makes
     with pytest.raises(RuntimeError):
-        stages.run(reg, "prepare", key)
+        runner.run(reg, "prepare", key)
     assert not (in_repo / "results" / "prepare" / key).exists()
     assert not list((in_repo / "results" / "prepare").glob(".tmp-*"))
 

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from conftest import BIN, env
-from dflash.schedule import lr_at, total_steps
-from dflash.train import find_checkpoint
+from dflash.modeling.schedule import lr_at, total_steps
+from dflash.training.checkpoints import find_checkpoint
 
 BASE = {"lr": 1.0, "min_lr": 0.1, "warmup_ratio": 0.1, "decay_ratio": 0.2, "decay_style": "linear"}
 

@@ -1,4 +1,8 @@
-"""The `dflash` command: plan a phase, run one stage (what Snakemake rules call), show provenance, build reports."""
+"""The `dflash` command: plan a phase, run one stage (what Snakemake rules call), show provenance, build reports.
+
+Exit codes: 0 success, 1 a check found problems (audit), 2 a user error (config, input files, missing results;
+one line on stderr), anything else a bug (with its traceback). `--debug` shows the traceback of user errors too.
+"""
 
 from __future__ import annotations
 
@@ -7,26 +11,32 @@ import json
 import sys
 from pathlib import Path
 
-from dflash.config import ConfigError
+from dflash.errors import UserError
+from dflash.plan.keys import load_registry
+from dflash.plan.paths import Results
+
+USER_ERROR = 2
+USER_ERRORS = (UserError, FileNotFoundError, KeyError)
+
+
+def _registry(args, only: list[str] | None = None):
+    return load_registry(only=only, results=Results(Path(args.results)) if getattr(args, "results", None) else None)
 
 
 def cmd_plan(args) -> int:
-    from dflash.paths import report_dir
-    from dflash.registry import load_registry
-
-    reg = load_registry(only=[args.phase])
+    reg = _registry(args, [args.phase])
     rows = []
     for run, plan in reg.plans[args.phase].items():
-        for stage, key in plan.keys.items():
-            rows.append({"run": run, "stage": stage, "key": key, "dir": str(reg.get(stage, key).dir),
-                         "exists": (reg.get(stage, key).dir / "provenance.json").is_file()})
-        for ds, key in plan.bench.items():
-            inst = reg.get("bench", key)
-            rows.append({"run": run, "stage": "bench", "dataset": ds, "key": key, "dir": str(inst.dir),
-                         "exists": (inst.dir / "provenance.json").is_file()})
-    rep = report_dir(args.phase)
-    rows.append({"run": "*", "stage": "report", "key": reg.report_key(args.phase), "dir": str(rep),
-                 "exists": (rep / "provenance.json").is_file()})
+        for name, (stage, key) in plan.named().items():
+            inst = reg.get(stage, key)
+            row = {"run": run, "stage": stage, "key": key, "dir": str(inst.dir),
+                   "exists": (inst.dir / "provenance.json").is_file()}
+            if stage == "bench":
+                row["dataset"] = name.removeprefix("bench/")
+            rows.append(row)
+    rep = reg.reports[args.phase]
+    rows.append({"run": "*", "stage": "report", "key": rep.key, "dir": str(rep.dir),
+                 "exists": (rep.dir / "provenance.json").is_file()})
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
@@ -38,32 +48,32 @@ def cmd_plan(args) -> int:
 
 
 def cmd_stage(args) -> int:
-    from dflash import stages
-    from dflash.registry import load_registry
+    from dflash.stages import runner
 
-    out = stages.run(load_registry(), args.stage, args.key)
-    print(out)
+    print(runner.run(load_registry(), args.stage, args.key))
     return 0
 
 
-def _use_results(args) -> None:
-    if args.results:
-        from dflash.paths import use_results
+def cmd_stages(args) -> int:
+    from dflash.stages import markdown_table
 
-        use_results(args.results)
+    print(markdown_table())
+    return 0
 
 
 def cmd_report(args) -> int:
-    from dflash import report
-    from dflash.registry import load_registry
+    from dflash.results.report import link_runs
+    from dflash.stages import runner
 
-    _use_results(args)
-    report.build(load_registry(only=[args.phase]), args.phase, links=not args.results)
+    reg = _registry(args, [args.phase])
+    print(runner.run(reg, "report", reg.report_key(args.phase)))
+    if not args.results:                 # a published tree gets no run links
+        link_runs(reg, args.phase)
     return 0
 
 
 def cmd_provenance(args) -> int:
-    from dflash.provenance import chain
+    from dflash.results.provenance import chain
 
     records = chain(args.path)
     if args.json:
@@ -84,40 +94,32 @@ def cmd_provenance(args) -> int:
 
 
 def cmd_launch(args) -> int:
-    from dflash import launch
-    from dflash.registry import load_registry
+    from dflash.launch import commands
 
-    launch.run(load_registry(), args.stage, args.key)    # replaces this process
+    commands.run(load_registry(), args.stage, args.key)    # replaces this process
     return 0
 
 
 def cmd_install_profiles(args) -> int:
-    from dflash import launch
+    from dflash.launch.profiles import install_profiles
 
-    for line in launch.install_profiles(args.dest):
+    for line in install_profiles(args.dest):
         print(line)
     return 0
 
 
 def cmd_audit(args) -> int:
-    from dflash import audit
-    from dflash.registry import load_registry
+    from dflash.results import audit
 
-    _use_results(args)
-    result = audit.audit(load_registry(only=[args.phase]), args.phase)
+    result = audit.audit(_registry(args, [args.phase]), args.phase)
     print(result.summary())
     return 0 if result.ok else 1
 
 
 def cmd_publish(args) -> int:
-    from dflash import publish
+    from dflash.results import publish
 
-    _use_results(args)
-    try:
-        counts = publish.publish(args.phase, Path(args.dest))
-    except ValueError as e:
-        print(f"dflash: error: {e}", file=sys.stderr)
-        return 2
+    counts = publish.publish(_registry(args, [args.phase]).results, args.phase, Path(args.dest))
     print(f"published {args.phase} to {args.dest}: {counts['dirs']} directories, {counts['copied']} files, "
           f"{counts['omitted']} weights files left out (listed in {publish.OMITTED}); check it with "
           f"`dflash audit {args.phase} --results {args.dest}`")
@@ -125,17 +127,18 @@ def cmd_publish(args) -> int:
 
 
 def cmd_gc(args) -> int:
-    from dflash import audit
-    from dflash.registry import load_registry
+    from dflash.results import gc
 
-    paths = audit.unreferenced(load_registry())
+    paths, skipped = gc.collect(load_registry())
     total = 0
     for p in paths:
-        n = audit.size(p)
+        n = gc.size(p)
         total += n
         print(f"{'removed' if args.delete else 'unreferenced'}  {n / 2**20:10.1f} MiB  {p}")
         if args.delete:
-            audit.remove(p)
+            gc.remove(p)
+    for p, why in skipped:
+        print(f"skipped       {p}: {why}")
     verb = "removed" if args.delete else "can be removed (dflash gc --delete)"
     print(f"{len(paths)} paths, {total / 2**20:.1f} MiB {verb}" if paths else "nothing unreferenced")
     return 0
@@ -152,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("stage")
     s.add_argument("key")
     s.set_defaults(fn=cmd_stage)
+    s = sub.add_parser("stages", help="the stage table (what each stage reads, its upstream and output)")
+    s.set_defaults(fn=cmd_stages)
     s = sub.add_parser("report", help="build results/reports/PHASE from finished stages")
     s.add_argument("phase")
     s.add_argument("--results", default=None, help="results tree to read (default: results/; e.g. a published copy)")
@@ -182,12 +187,16 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("gc", help="list result directories that no phase references (--delete removes them)")
     s.add_argument("--delete", action="store_true", help="remove them")
     s.set_defaults(fn=cmd_gc)
+    p.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
     args = p.parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, FileNotFoundError, KeyError) as e:
-        print(f"dflash: error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e     # KeyError's str() adds quotes
+        print(f"dflash: error: {message}", file=sys.stderr)
+        return USER_ERROR
 
 
 if __name__ == "__main__":

@@ -1,0 +1,504 @@
+"""The SGLang engine (optional `sglang` extra, GPU only): server lifecycle, /generate client, replicas.
+
+A server is `python -m sglang.launch_server` for the target, bound to loopback on a free port, in its own process
+group (new session) with its log in a file; the DFlash server adds `--speculative-algorithm DFLASH
+--speculative-draft-model-path <converted draft> --speculative-num-draft-tokens <block size>` (sglang >= 0.5.11).
+It is healthy once `/health_generate` answers 200; a server that exits first fails at once with its log tail. It is
+always stopped as a whole group: SIGTERM, then SIGKILL after a grace period (TP workers may outlive SIGTERM).
+
+Requests go to `/generate` with the chat-templated prompt text (the target tokenizer's template, thinking off) and
+are read back from `meta_info`: completion tokens, `spec_accept_length` (SGLang's completion_tokens / verify steps,
+which counts the prefill token and the bonus), `spec_verify_ct` and, when streamed, the time to first token.
+
+The sglang package is never imported here: the server runs as a subprocess, so only its presence is checked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib.metadata
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from dflash.plan.config import section_defaults
+from dflash.ports import free_ports
+
+SERVER_MODULE = "sglang.launch_server"
+MIN_VERSION = "0.5.11"                      # first PyPI release with DFLASH
+HOST = "127.0.0.1"
+PORT_PLACEHOLDER = "{port}"                 # replaced by the process that starts the server (see Replica)
+HEALTH_PATH = "/health_generate"
+LOG_TAIL_LINES = 40
+
+class SGLangUnavailable(RuntimeError):
+    """sglang (with DFLASH) or a CUDA GPU is missing."""
+
+
+class ServerError(RuntimeError):
+    """An SGLang server died, never became healthy, or answered a request with an error."""
+
+
+# ---------------------------------------------------------------------------------------------- availability
+
+
+def sglang_version() -> str | None:
+    try:
+        return importlib.metadata.version("sglang")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def gpu_count() -> int:
+    """CUDA GPUs this process may use (torch is imported only here)."""
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def sglang_installed() -> bool:
+    return importlib.util.find_spec("sglang") is not None
+
+
+def unavailable_reason(need_gpu: bool = True) -> str | None:
+    """Why the SGLang engine cannot run here, or None when it can."""
+    if not sglang_installed():
+        return ("the sglang package is not installed: it is the optional `sglang` extra "
+                "(pip install 'dflash[sglang]'), which needs a CUDA machine")
+    version = sglang_version()
+    if version is not None:
+        from packaging.version import InvalidVersion, Version
+
+        with contextlib.suppress(InvalidVersion):
+            if Version(version) < Version(MIN_VERSION):
+                return f"sglang {version} has no DFLASH speculative decoding (needs sglang>={MIN_VERSION})"
+    if need_gpu and gpu_count() == 0:
+        return "no CUDA GPU is visible (SGLang serves on GPUs only)"
+    return None
+
+
+def require_sglang(need_gpu: bool = True) -> None:
+    reason = unavailable_reason(need_gpu)
+    if reason:
+        raise SGLangUnavailable(f"engine 'sglang': {reason}")
+
+
+def options(section: dict, concurrency: int) -> dict:
+    """The `sglang` options of a `bench` / `regenerate` section, defaults from the phase schema, with `concurrency`
+    filled in where the section leaves it null."""
+    out = section_defaults("sglang", section.get("sglang") or {})
+    out["concurrency"] = int(out["concurrency"] or concurrency)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+@dataclass
+class ServerSpec:
+    model_path: str
+    port: int | str = PORT_PLACEHOLDER
+    host: str = HOST
+    draft_model_path: str | None = None     # set: DFLASH server; None: target-only baseline
+    block_size: int | None = None
+    tp_size: int = 1
+    dtype: str = "auto"
+    seed: int = 0
+    mem_fraction_static: float | None = None
+    attention_backend: str | None = None
+    extra_args: list[str] = field(default_factory=list)
+    python: str = sys.executable
+
+
+def server_command(spec: ServerSpec) -> list[str]:
+    """`python -m sglang.launch_server ...` for one server. SGLang sets num_steps = topk = 1 for DFLASH itself."""
+    cmd = [spec.python, "-m", SERVER_MODULE, "--model-path", str(spec.model_path), "--host", spec.host,
+           "--port", str(spec.port), "--tp-size", str(spec.tp_size), "--dtype", spec.dtype,
+           "--random-seed", str(spec.seed)]
+    if spec.mem_fraction_static is not None:
+        cmd += ["--mem-fraction-static", str(spec.mem_fraction_static)]
+    if spec.attention_backend:
+        cmd += ["--attention-backend", spec.attention_backend]
+    if spec.draft_model_path is not None:
+        cmd += ["--speculative-algorithm", "DFLASH", "--speculative-draft-model-path", str(spec.draft_model_path)]
+        if spec.block_size:
+            cmd += ["--speculative-num-draft-tokens", str(spec.block_size)]
+    return cmd + [str(a) for a in spec.extra_args]
+
+
+def with_port(cmd: list[str], port: int) -> list[str]:
+    return [str(port) if a == PORT_PLACEHOLDER else a for a in cmd]
+
+
+# ---------------------------------------------------------------------------------------------- process group
+
+
+def _proc_state(pid: int) -> str | None:
+    """Linux /proc state letter of `pid` (None when gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+def pid_alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie counts as gone)."""
+    if Path("/proc").is_dir():
+        state = _proc_state(pid)
+        return state is not None and state not in ("Z", "X")
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of process group `pgid`."""
+    if not Path("/proc").is_dir():
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return []
+        except PermissionError:
+            pass
+        return [pgid]
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] not in ("Z", "X") and int(fields[2]) == pgid:
+            members.append(int(entry.name))
+    return members
+
+
+def kill_group(pgid: int, proc: subprocess.Popen | None = None, grace_s: float = 30.0, log=None) -> None:
+    """SIGTERM to the whole group, SIGKILL to whatever is left after `grace_s`; reaps `proc` (the leader)."""
+    def signal_group(sig) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, sig)
+
+    def wait_gone(seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while True:
+            if proc is not None:
+                proc.poll()
+            if not group_members(pgid):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+
+    signal_group(signal.SIGTERM)
+    if not wait_gone(grace_s):
+        if log:
+            log(f"sglang: process group {pgid} still alive {grace_s:.0f} s after SIGTERM; sending SIGKILL")
+        signal_group(signal.SIGKILL)
+        if not wait_gone(10.0) and log:
+            log(f"sglang: process group {pgid} still has members after SIGKILL: {group_members(pgid)}")
+    if proc is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+
+
+def _parent_death_hook():
+    """A preexec function asking Linux to SIGTERM the server when the thread that started it dies (so a killed
+    driver does not leave servers holding GPUs; best effort, the leader then stops its own children). libc is
+    loaded here, in the parent: the child only makes the system call. Start servers from long-lived threads."""
+    if sys.platform != "linux":
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+    def hook() -> None:
+        libc.prctl(1, int(signal.SIGTERM))          # PR_SET_PDEATHSIG
+
+    return hook
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+# ---------------------------------------------------------------------------------------------- server
+
+
+def http_get(url: str, timeout: float = 5.0) -> int:
+    """HTTP status of a GET (connection errors raise OSError)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def wait_healthy(base_url: str, proc: subprocess.Popen, log_path: Path, timeout_s: float, path: str = HEALTH_PATH,
+                 poll_s: float = 2.0) -> float:
+    """Poll `base_url + path` until it answers 200; seconds waited. Fails at once when `proc` exits.
+    The interval grows from 0.1 s to `poll_s`."""
+    t0, interval = time.monotonic(), min(0.1, poll_s)
+    while True:
+        rc = proc.poll()
+        if rc is not None:
+            raise ServerError(f"SGLang server exited with code {rc} before it became healthy; "
+                              f"last lines of {log_path}:\n{log_tail(log_path)}")
+        with contextlib.suppress(OSError):
+            if http_get(base_url + path, timeout=max(1.0, min(30.0, timeout_s))) == 200:
+                return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout_s:
+            raise ServerError(f"SGLang server not healthy after {timeout_s:.0f} s ({base_url}{path}); "
+                              f"last lines of {log_path}:\n{log_tail(log_path)}")
+        time.sleep(interval)
+        interval = min(poll_s, interval * 1.5)
+
+
+class SGLangServer:
+    """One server process group. Use as a context manager: started and healthy inside, stopped on exit."""
+
+    def __init__(self, cmd: list[str], log_path: Path, port: int | None = None, host: str = HOST,
+                 env: dict | None = None, startup_timeout_s: float = 1200, stop_grace_s: float = 30,
+                 health_path: str = HEALTH_PATH, poll_s: float = 2.0, log=None):
+        self.port = port if port is not None else free_ports(1, host)
+        self.cmd, self.host = with_port(cmd, self.port), host
+        self.log_path, self.env = Path(log_path), env
+        self.startup_timeout_s, self.stop_grace_s = startup_timeout_s, stop_grace_s
+        self.health_path, self.poll_s, self.log = health_path, poll_s, log
+        self.proc: subprocess.Popen | None = None
+        self.pgid: int | None = None
+        self.startup_s: float | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> SGLangServer:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **{k: str(v) for k, v in (self.env or {}).items()}}
+        with open(self.log_path, "ab") as logf:
+            logf.write(f"$ {' '.join(self.cmd)}\n".encode())
+            logf.flush()
+            self.proc = subprocess.Popen(self.cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env=env, start_new_session=True, preexec_fn=_parent_death_hook())
+        self.pgid = self.proc.pid                      # a new session: the leader's pid is the group id
+        if self.log:
+            self.log(f"sglang: started pid {self.proc.pid} on {self.url}, log {self.log_path}")
+        return self
+
+    def wait(self) -> SGLangServer:
+        self.startup_s = wait_healthy(self.url, self.proc, self.log_path, self.startup_timeout_s, self.health_path,
+                                      self.poll_s)
+        if self.log:
+            self.log(f"sglang: {self.url} healthy after {self.startup_s:.1f} s")
+        return self
+
+    def stop(self) -> None:
+        if self.pgid is not None:
+            kill_group(self.pgid, self.proc, self.stop_grace_s, self.log)
+            self.pgid = None
+
+    def __enter__(self) -> SGLangServer:
+        try:
+            return self.start().wait()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def sigterm_as_exit():
+    """Inside: SIGTERM raises SystemExit (main thread only), so `finally` blocks stop the servers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# ---------------------------------------------------------------------------------------------- requests
+
+
+def sampling_params(temperature: float, max_new_tokens: int) -> dict:
+    """Greedy (T=0: top_k 1) or sampled; no stop strings beyond the model's EOS."""
+    if temperature <= 0:
+        return {"temperature": 0.0, "top_k": 1, "top_p": 1.0, "max_new_tokens": int(max_new_tokens)}
+    return {"temperature": float(temperature), "top_p": 1.0, "max_new_tokens": int(max_new_tokens)}
+
+
+@dataclass
+class Completion:
+    text: str
+    output_ids: list[int] | None
+    completion_tokens: int
+    prompt_tokens: int | None
+    e2e_s: float                                  # client wall time of the request
+    ttft_s: float | None = None                   # client time to the first streamed token
+    server_e2e_s: float | None = None             # meta_info.e2e_latency
+    spec_accept_length: float | None = None
+    spec_verify_ct: int | None = None
+    finish_reason: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_response(obj: dict, e2e_s: float, ttft_s: float | None = None, output_ids: list[int] | None = None,
+                   text: str | None = None) -> Completion:
+    """A Completion from a /generate answer (the last streamed chunk, or the whole non-streamed answer)."""
+    if "error" in obj:
+        raise ServerError(f"SGLang /generate error: {obj['error']}")
+    meta = obj.get("meta_info") or {}
+    ids = output_ids if output_ids is not None else obj.get("output_ids")
+    n = meta.get("completion_tokens", len(ids) if ids is not None else 0)
+    finish = meta.get("finish_reason")
+    if isinstance(finish, dict):
+        finish = finish.get("type")
+    if finish == "abort":
+        raise ServerError(f"SGLang aborted the request: {meta.get('finish_reason')}")
+    acc = meta.get("spec_accept_length")
+    verify = meta.get("spec_verify_ct")
+    return Completion(text=text if text is not None else obj.get("text", ""), output_ids=ids, completion_tokens=int(n),
+                      prompt_tokens=meta.get("prompt_tokens"), e2e_s=e2e_s, ttft_s=ttft_s,
+                      server_e2e_s=meta.get("e2e_latency"),
+                      spec_accept_length=float(acc) if acc is not None else None,
+                      spec_verify_ct=int(verify) if verify is not None else None, finish_reason=finish)
+
+
+def read_stream(lines, t0: float) -> Completion:
+    """Server-sent events of a streamed /generate: `data: {...}` lines ending with `data: [DONE]`.
+
+    `output_ids` may come as increments or cumulatively depending on the SGLang version; the cumulative
+    `meta_info.completion_tokens` of each chunk says which."""
+    last, ids, ttft = None, [], None
+    for raw in lines:
+        line = raw.decode() if isinstance(raw, bytes) else raw
+        line = line.strip()
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            break
+        obj = json.loads(data)
+        if "error" in obj:
+            raise ServerError(f"SGLang /generate error: {obj['error']}")
+        new = obj.get("output_ids")
+        count = (obj.get("meta_info") or {}).get("completion_tokens")
+        if new is not None:
+            if count is not None and len(new) == count and len(new) >= len(ids):
+                ids = list(new)                          # cumulative
+            else:
+                ids.extend(new)                          # incremental
+        if ttft is None and (count or new or obj.get("text")):
+            ttft = time.perf_counter() - t0
+        last = obj
+    if last is None:
+        raise ServerError("SGLang /generate stream ended without any data")
+    has_ids = last.get("output_ids") is not None
+    return parse_response(last, time.perf_counter() - t0, ttft, ids if has_ids else None)
+
+
+def generate(base_url: str, text: str, sampling: dict, stream: bool = True, timeout_s: float = 3600) -> Completion:
+    """One /generate request (blocking)."""
+    body = json.dumps({"text": text, "sampling_params": sampling, "stream": stream}).encode()
+    req = urllib.request.Request(base_url + "/generate", data=body, headers={"Content-Type": "application/json"})
+    t0 = time.perf_counter()
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            if stream:
+                return read_stream(r, t0)
+            obj = json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        detail = e.read()[:2000].decode(errors="replace")
+        raise ServerError(f"SGLang /generate answered HTTP {e.code}: {detail}") from None
+    if isinstance(obj, list):
+        obj = obj[0]
+    return parse_response(obj, time.perf_counter() - t0)
+
+
+def flush_cache(base_url: str) -> None:
+    """Empty the radix cache (after a warm-up); a server without the endpoint is not an error."""
+    req = urllib.request.Request(base_url + "/flush_cache", data=b"", method="POST")
+    with contextlib.suppress(OSError), urllib.request.urlopen(req, timeout=60):
+        pass
+
+
+def generate_many(base_url: str, texts: list[str], sampling: dict, concurrency: int = 1, stream: bool = True,
+                  timeout_s: float = 3600) -> tuple[list[Completion], float]:
+    """All `texts`, `concurrency` in flight, in input order; and the wall time of the whole batch."""
+    t0 = time.perf_counter()
+    if concurrency <= 1:
+        out = [generate(base_url, t, sampling, stream, timeout_s) for t in texts]
+    else:
+        with ThreadPoolExecutor(concurrency) as pool:
+            out = list(pool.map(lambda t: generate(base_url, t, sampling, stream, timeout_s), texts))
+    return out, time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------------------------- replicas
+
+
+class Replica:
+    """One target-only server for regeneration; runs in the driver or as a Ray actor (GPUs set by Ray)."""
+
+    def __init__(self, cmd: list[str], log_path: str, env: dict | None = None, startup_timeout_s: float = 1200,
+                 stop_grace_s: float = 30, wait: bool = True):
+        self.server = SGLangServer(cmd, Path(log_path), env=env, startup_timeout_s=startup_timeout_s,
+                                   stop_grace_s=stop_grace_s)
+        self.server.start()
+        if wait:
+            self.wait()
+
+    def wait(self) -> float:
+        """Seconds the server took to become healthy (waits for it the first time)."""
+        if self.server.startup_s is not None:
+            return self.server.startup_s
+        try:
+            self.server.wait()
+        except BaseException:
+            self.server.stop()
+            raise
+        return self.server.startup_s
+
+    def generate(self, texts: list[str], sampling: dict, concurrency: int, stream: bool = False,
+                 timeout_s: float = 3600) -> dict:
+        done, seconds = generate_many(self.server.url, texts, sampling, concurrency, stream, timeout_s)
+        return {"completions": [c.to_dict() for c in done], "seconds": seconds}
+
+    def close(self) -> None:
+        self.server.stop()

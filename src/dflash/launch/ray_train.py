@@ -1,0 +1,49 @@
+"""Ray Train: a training function in N Ray workers (one per GPU, or CPU workers), each a rank of one process group.
+
+Used when the launcher started a Ray cluster inside the allocation and set DFLASH_LAUNCHER=ray (and
+DFLASH_RAY_ADDRESS); the number of workers is DFLASH_RAY_WORKERS (default: all GPUs of the cluster, else 2 CPUs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def _worker(config: dict) -> None:
+    import ray.train
+
+    ctx = ray.train.get_context()
+    os.environ.update(RANK=str(ctx.get_world_rank()), WORLD_SIZE=str(ctx.get_world_size()),
+                      LOCAL_RANK=str(ctx.get_local_rank()))
+    upstream = {k: Path(v) for k, v in config["upstream"].items()}
+    config["train"](config["cfg"], Path(config["out"]), upstream, Path(config["work"]), print, config["logging"])
+
+
+def fit(train, cfg: dict, out: Path, upstream: dict[str, Path], work: Path, logging: dict) -> dict:
+    """Run `train(cfg, out, upstream, work, log, logging)` in every worker; the summary rank 0 wrote."""
+    try:
+        import ray
+        from ray.train import RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+    except ImportError:
+        raise ImportError("DFLASH_LAUNCHER=ray needs Ray Train: pip install -e '.[ray]'") from None
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("DFLASH_RAY_ADDRESS") or None, include_dashboard=False,
+                 log_to_driver=True)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    workers = int(os.environ.get("DFLASH_RAY_WORKERS", gpus or 2))
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={"train": train, "cfg": cfg, "out": str(Path(out).resolve()),
+                           "work": str(Path(work).resolve()),
+                           "upstream": {k: str(Path(v).resolve()) for k, v in upstream.items()},
+                           "logging": {**logging, "progress": False}},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus > 0),
+        torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
+        run_config=RunConfig(storage_path=str(Path(work).resolve() / "ray"), name="train"),
+    )
+    trainer.fit()
+    summary = json.loads((Path(out) / "summary.json").read_text())
+    return {"summary": {**summary, "launcher": "ray", "ray_workers": workers}}

@@ -1,0 +1,56 @@
+"""Loading a target from its stage directory (`target.json` says where the model is), and the drafter's mask id."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from dflash.data import chat
+
+TARGET_JSON = "target.json"
+
+
+def model_path(target_dir: Path) -> tuple[str, bool]:
+    """(path or hub id, whether it is local) from a target stage directory's target.json."""
+    spec = json.loads((Path(target_dir) / TARGET_JSON).read_text())
+    path = str(Path(target_dir) / spec["model_path"]) if spec["source"] == "dir" else spec["model_path"]
+    return path, spec["source"] != "hub"
+
+
+def load_tokenizer(target_dir: Path):
+    from transformers import AutoTokenizer
+
+    path, local = model_path(target_dir)
+    return AutoTokenizer.from_pretrained(path, local_files_only=local)
+
+
+def load_target(target_dir: Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) in eval mode from a target stage directory."""
+    from transformers import AutoModelForCausalLM
+
+    path, local = model_path(target_dir)
+    tokenizer = load_tokenizer(target_dir)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local).to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tokenizer
+
+
+def mask_token_id(tokenizer, token: str | None = None) -> int:
+    """The id of the drafter's mask token `token` (`drafter.mask_token`; None: `<|MASK|>`).
+
+    It must be one token of the target tokenizer's added (special) vocabulary, so that ordinary text never encodes
+    to it: `<|MASK|>` where the tokenizer has it, else an unused special token the phase names explicitly.
+    """
+    token = token or chat.MASK_TOKEN
+    added = tokenizer.get_added_vocab()
+    if token in added:
+        return int(added[token])
+    hint = ", ".join(sorted(added, key=added.get)[:24])
+    if token in tokenizer.get_vocab():
+        raise ValueError(f"drafter.mask_token: {token!r} is an ordinary token of the target vocabulary (ordinary text "
+                         f"encodes to it); name one of its special tokens instead: {hint}")
+    raise ValueError(f"drafter.mask_token: the target tokenizer has no token {token!r}; set drafter.mask_token to "
+                     f"one of its special tokens that never appears in the training or benchmark text: {hint}")

@@ -1,0 +1,253 @@
+"""Phase configs: YAML loading (YAML 1.2 floats), schema validation with file + field path, `extends:`, runs."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from dflash.data import references
+from dflash.errors import ConfigError
+from dflash.plan.paths import PHASES_DIR, SCHEMA_DIR
+
+
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+    """SafeLoader (libyaml's when installed) that reads `1e-4` as a float (YAML 1.1 would read it as a string) and
+    refuses a key given twice in one mapping (YAML would keep the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        first = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str | int | float | bool) and key in first:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first given on line {first[key] + 1})", key_node.start_mark)
+            first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.\d*)?[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(path: Path) -> Any:
+    try:
+        with open(path) as f:
+            return yaml.load(f, Loader=_Loader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+
+
+@functools.cache
+def _schema(path: Path) -> dict:
+    return load_yaml(path)
+
+
+def load_schema(name: str = "phase") -> dict:
+    """The schema, parsed once per process (callers get a copy they may change)."""
+    return copy.deepcopy(_schema(SCHEMA_DIR / f"{name}.schema.yaml"))
+
+
+@functools.cache
+def _validator(part: str | None) -> jsonschema.Draft202012Validator:
+    """A validator for the phase schema, or for one of its `$defs` (`run`, `dataset`, ...), built once."""
+    schema = _schema(SCHEMA_DIR / "phase.schema.yaml")
+    return jsonschema.Draft202012Validator(schema if part is None else {**schema["$defs"][part],
+                                                                        "$defs": schema["$defs"]})
+
+
+_TYPE_WORDS = {"number": "a number", "integer": "an integer", "string": "a string", "boolean": "true or false",
+               "object": "a mapping", "array": "a list", "null": "null"}
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    v = error.validator
+    if v == "type":
+        types = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
+        got = type(error.instance).__name__
+        return f"expected {' or '.join(t if t in ('number',) else _TYPE_WORDS.get(t, t) for t in types)}" \
+               f" (got {got} {error.instance!r})"
+    if v == "additionalProperties":
+        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        return f"unknown key {', '.join(map(repr, extra))}"
+    if v == "enum":
+        return f"expected one of {error.validator_value}, got {error.instance!r}"
+    if v == "required":
+        return error.message.replace("is a required property", "is required")
+    return error.message
+
+
+def _path(error: jsonschema.ValidationError) -> str:
+    return ".".join(str(p) for p in error.absolute_path)
+
+
+def validate(document: Any, source: str, part: str | None = None) -> None:
+    """Raise ConfigError for the first (deepest-path) error, as `<source>: <field.path>: <what>`; `part` names the
+    `$defs` entry of the phase schema to check against (default: a whole phase file)."""
+    validator = _validator(part)
+    if validator.is_valid(document):
+        return
+    errors = sorted(validator.iter_errors(document), key=lambda e: (-len(e.absolute_path), str(e.absolute_path)))
+    if errors:
+        err = errors[0]
+        where = _path(err) or "(top level)"
+        raise ConfigError(f"{source}: {where}: {_describe(err)}")
+
+
+def _resolve(schema: dict, root: dict) -> dict:
+    while "$ref" in schema:
+        node = root
+        for part in schema["$ref"].lstrip("#/").split("/"):
+            node = node[part]
+        schema = node
+    return schema
+
+
+def fill_defaults(instance: Any, schema: dict, root: dict) -> Any:
+    """Return a copy of `instance` with every schema default filled in (recursively, through $ref)."""
+    schema = _resolve(schema, root)
+    if not isinstance(instance, dict) or "properties" not in schema:
+        return copy.deepcopy(instance)
+    out = copy.deepcopy(instance)
+    for key, sub in schema["properties"].items():
+        sub_r = _resolve(sub, root)
+        if key not in out and "default" in sub_r:
+            out[key] = copy.deepcopy(sub_r["default"])
+        if key in out:
+            out[key] = fill_defaults(out[key], sub_r, root)
+    return out
+
+
+def section_defaults(name: str, given: dict) -> dict:
+    """`given` validated against the schema's `$defs.<name>` with its defaults filled (for code handed a section
+    that did not come through a phase file)."""
+    schema = _schema(SCHEMA_DIR / "phase.schema.yaml")
+    full = fill_defaults(given, schema["$defs"][name], schema)
+    validate(full, name, name)
+    return full
+
+
+def deep_merge(base: Any, override: Any) -> Any:
+    """Mappings merge key by key; anything else (lists included) is replaced by the override."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        out = copy.deepcopy(base)
+        for k, v in override.items():
+            out[k] = deep_merge(out[k], v) if k in out else copy.deepcopy(v)
+        return out
+    return copy.deepcopy(override)
+
+
+@dataclass
+class Phase:
+    name: str
+    file: str
+    description: str
+    runs: dict[str, dict]             # run name -> full run config (defaults filled, validated)
+    datasets: list[dict]
+    references: list[str]
+    external: dict[str, dict] = field(default_factory=dict)
+    chain: list[str] = field(default_factory=list)   # files this phase was assembled from, child first
+
+
+def _read_document(name: str, phases_dir: Path, seen: tuple[str, ...] = ()) -> tuple[dict, list[str]]:
+    path = phases_dir / f"{name}.yaml"
+    rel = _display(path)
+    if name in seen:
+        raise ConfigError(f"{rel}: extends: cycle {' -> '.join((*seen, name))}")
+    if not path.is_file():
+        where = f"{_display(phases_dir / (seen[-1] + '.yaml'))}: extends: " if seen else ""
+        raise ConfigError(f"{where}phase file {rel} not found")
+    doc = load_yaml(path)
+    if doc is None:
+        doc = {}
+    if isinstance(doc, dict) and isinstance(doc.get("runs"), dict):
+        doc["runs"] = {name: {} if run is None else run for name, run in doc["runs"].items()}   # `R00:` = no change
+    validate(doc, rel)
+    chain = [rel]
+    if "extends" in doc:
+        parent, parent_chain = _read_document(doc["extends"], phases_dir, (*seen, name))
+        chain += parent_chain
+        merged = {k: v for k, v in parent.items() if k not in ("runs", "description")}
+        merged["defaults"] = deep_merge(parent.get("defaults", {}), doc.get("defaults", {}))
+        for key in ("runs", "datasets", "references", "external", "description"):
+            if key in doc:
+                merged[key] = doc[key]
+            elif key == "runs" and "runs" in parent:
+                merged[key] = parent["runs"]
+        doc = merged
+    return doc, chain
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def load_phase(name: str, phases_dir: Path = PHASES_DIR) -> Phase:
+    schema = _schema(SCHEMA_DIR / "phase.schema.yaml")         # read only: fill_defaults copies what it takes
+    doc, chain = _read_document(name, phases_dir)
+    src = chain[0]
+    if "datasets" not in doc:
+        raise ConfigError(f"{src}: datasets: is required (directly or through extends)")
+    run_schema = {**schema["$defs"]["run"], "$defs": schema["$defs"]}
+    defaults = doc.get("defaults", {})
+    runs = {}
+    for run_name, override in (doc.get("runs") or {"main": {}}).items():
+        merged = deep_merge(defaults, override)
+        full = fill_defaults(merged, run_schema, schema)
+        validate(full, f"{src}: runs.{run_name}", "run")
+        _check_run(full, f"{src}: runs.{run_name}")
+        runs[run_name] = full
+    _check_references(doc, src)
+    return Phase(name=name, file=src, description=doc.get("description", ""), runs=runs,
+                 datasets=[fill_defaults(d, schema["$defs"]["dataset"], schema) for d in doc["datasets"]],
+                 references=list(doc.get("references", [])), external=dict(doc.get("external", {})), chain=chain)
+
+
+def _check_run(run: dict, where: str) -> None:
+    """Cross-field rules a JSON schema cannot say."""
+    t = run["target"]
+    needs = {"path": "path", "hub": "hub_id", "gguf": "gguf_file"}
+    if t["kind"] in needs and needs[t["kind"]] not in t:
+        raise ConfigError(f"{where}.target.{needs[t['kind']]}: required when target.kind is {t['kind']!r}")
+    if t["kind"] == "synthetic" and t["synthetic"]["num_heads"] % t["synthetic"]["num_kv_heads"]:
+        raise ConfigError(f"{where}.target.synthetic.num_kv_heads: must divide num_heads")
+    tr = run["train"]
+    if tr["min_lr"] > tr["lr"]:
+        raise ConfigError(f"{where}.train.min_lr: must be <= train.lr ({tr['lr']})")
+    for i, src in enumerate(run["data"]["sources"]):
+        if src["kind"] == "jsonl" and "path" not in src:
+            raise ConfigError(f"{where}.data.sources.{i}.path: required when kind is 'jsonl'")
+        if src["kind"] == "hub" and "hub_id" not in src:
+            raise ConfigError(f"{where}.data.sources.{i}.hub_id: required when kind is 'hub'")
+
+
+def _check_references(doc: dict, where: str) -> None:
+    """Every `references` entry and `external` run must name rows of the references table."""
+    for i, entry in enumerate(doc.get("references", [])):
+        problem = references.check(entry)
+        if problem:
+            raise ConfigError(f"{where}: references.{i}: {problem}")
+    for name, ext in doc.get("external", {}).items():
+        problem = references.check(ext, external=True)
+        if problem:
+            raise ConfigError(f"{where}: external.{name}: {problem}")
+
+
+def phase_names(phases_dir: Path = PHASES_DIR) -> list[str]:
+    return sorted(p.stem for p in phases_dir.glob("*.yaml"))
+
+
+def load_all(phases_dir: Path = PHASES_DIR) -> dict[str, Phase]:
+    return {name: load_phase(name, phases_dir) for name in phase_names(phases_dir)}

@@ -1,0 +1,154 @@
+"""Stage keys: every stage instance of every run of every phase, keyed by the hash of what it reads.
+
+key = sha256(canonical JSON of {stage, format version, the config fields the stage reads, upstream keys})[:12].
+A changed value therefore changes the key of the stage that reads it and of everything downstream, and two runs
+(or phases) with equal inputs to a stage share one directory `results/<stage>/<key>/`. What each stage reads and
+which stages feed it is the stage table (`dflash.stages.STAGES`); this module only walks it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dflash.plan.config import Phase, load_all, load_phase
+from dflash.plan.paths import PHASES_DIR, Results
+from dflash.stages import BY_NAME, REPORT, STAGES
+
+
+def canonical_json(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def stage_key(stage: str, config: dict, upstream: dict) -> str:
+    payload = {"stage": stage, "version": BY_NAME[stage].version, "config": config, "upstream": upstream}
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:12]
+
+
+def upstream_pairs(upstream: dict) -> list[tuple[str, str]]:
+    """(stage, key) pairs of a recorded `upstream`: {stage: key}, or a report's {"runs": {run: RunPlan.as_dict()}}."""
+    if "runs" in upstream and isinstance(upstream["runs"], dict):
+        return [pair for run, keys in upstream["runs"].items() for pair in RunPlan.from_dict("", run, keys).pairs()]
+    return [(s, k) for s, k in upstream.items() if isinstance(k, str)]
+
+
+@dataclass
+class RunPlan:
+    phase: str
+    run: str
+    keys: dict[str, str]              # stage -> key (bench excluded)
+    bench: dict[str, str]             # dataset name -> bench key
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """Every (stage, key) of the run, benches last."""
+        return [*self.keys.items(), *(("bench", k) for k in self.bench.values())]
+
+    def named(self) -> dict[str, tuple[str, str]]:
+        """Link name (`train`, `bench/<dataset>`) -> (stage, key)."""
+        return {**{s: (s, k) for s, k in self.keys.items()}, **{f"bench/{d}": ("bench", k) for d, k in
+                                                                   self.bench.items()}}
+
+    def as_dict(self) -> dict:
+        """{stage: key, ..., "bench": {dataset: key}}: what the report records as its upstream."""
+        return {**self.keys, "bench": dict(self.bench)}
+
+    @classmethod
+    def from_dict(cls, phase: str, run: str, d: dict) -> RunPlan:
+        return cls(phase, run, {s: k for s, k in d.items() if s != "bench"}, dict(d.get("bench", {})))
+
+
+@dataclass
+class StageInstance:
+    stage: str
+    key: str
+    config: dict                      # exactly the config fields this stage reads
+    upstream: dict                    # upstream stage name -> key (report: {"runs": {run: RunPlan.as_dict()}})
+    resources: dict                   # scheduler request (not part of the key)
+    dir: Path
+    logging: dict = field(default_factory=dict)                 # observability settings (not part of the key)
+    users: list[tuple[str, str]] = field(default_factory=list)   # (phase, run) pairs that use it
+
+    def inputs(self) -> list[tuple[str, str]]:
+        """(stage, key) of every stage directory this instance reads."""
+        return upstream_pairs(self.upstream)
+
+
+@dataclass
+class Registry:
+    phases: dict[str, Phase]
+    instances: dict[tuple[str, str], StageInstance]
+    plans: dict[str, dict[str, RunPlan]]       # phase -> run -> plan
+    reports: dict[str, StageInstance]          # phase -> its report instance
+    results: Results
+
+    def get(self, stage: str, key: str) -> StageInstance:
+        if stage == REPORT.name:
+            found = [r for r in self.reports.values() if r.key == key]
+            if found:
+                return found[0]
+        try:
+            return self.instances[(stage, key)]
+        except KeyError:
+            raise KeyError(f"no {stage} stage with key {key} in any phase under {PHASES_DIR}") from None
+
+    def report_key(self, phase: str) -> str:
+        return self.reports[phase].key
+
+
+def plan_run(phase: Phase, run_name: str, run: dict, results: Results) -> tuple[RunPlan, list[StageInstance]]:
+    res = run["resources"]
+    out: list[StageInstance] = []
+    keys: dict[str, str] = {}
+    bench: dict[str, str] = {}
+    for st in STAGES:
+        if not st.when(run):
+            continue
+        upstream = {}
+        for names in st.upstream:
+            name = next(n for n in names.split("|") if n in keys)
+            upstream[name] = keys[name]
+        for ds in (phase.datasets if st.per_dataset else [None]):
+            config = st.select(run, phase, ds)
+            key = stage_key(st.name, config, upstream)
+            out.append(StageInstance(st.name, key, config, upstream, res.get(st.name, {}),
+                                     results.stage_dir(st.name, key),
+                                     {**run["logging"], "phase": phase.name, "run": run_name}))
+            if ds is None:
+                keys[st.name] = key
+            else:
+                bench[ds["name"]] = key
+    return RunPlan(phase.name, run_name, keys, bench), out
+
+
+def plan_report(phase: Phase, plans: dict[str, RunPlan], results: Results) -> StageInstance:
+    runs = {r: p.as_dict() for r, p in plans.items()}
+    config = REPORT.select(None, phase)
+    key = stage_key(REPORT.name, config, {"runs": canonical_json(runs)})
+    return StageInstance(REPORT.name, key, {**config, "file": phase.file, "chain": phase.chain}, {"runs": runs},
+                         {}, results.report_dir(phase.name), users=[(phase.name, "*")])
+
+
+def build(phases: dict[str, Phase], results: Results | None = None) -> Registry:
+    results = results or Results()
+    instances: dict[tuple[str, str], StageInstance] = {}
+    plans: dict[str, dict[str, RunPlan]] = {}
+    for pname, phase in phases.items():
+        plans[pname] = {}
+        for rname, run in phase.runs.items():
+            plan, insts = plan_run(phase, rname, run, results)
+            plans[pname][rname] = plan
+            for inst in insts:
+                inst = instances.setdefault((inst.stage, inst.key), inst)
+                if (pname, rname) not in inst.users:
+                    inst.users.append((pname, rname))
+    reports = {p: plan_report(phases[p], plans[p], results) for p in phases}
+    return Registry(phases, instances, plans, reports, results)
+
+
+def load_registry(phases_dir: Path = PHASES_DIR, only: list[str] | None = None,
+                  results: Results | None = None) -> Registry:
+    if only:
+        return build({name: load_phase(name, phases_dir) for name in only}, results)
+    return build(load_all(phases_dir), results)

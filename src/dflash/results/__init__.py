@@ -1,0 +1,1 @@
+"""Results: provenance and atomic directories, the report, the audit, gc and publishing."""

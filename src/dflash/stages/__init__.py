@@ -1,0 +1,88 @@
+"""The pipeline's stages, in order: one table that drives the planner (`dflash.plan.keys`), the runner
+(`dflash.stages.runner`), the Snakemake rules (`rules/common.smk`) and the README's stage table (`dflash stages`).
+
+Each stage is a module here with `run(ctx) -> {"summary": {...}, "inputs": {...}}` (see `runner.Context`). Adding a
+stage: a row in STAGES, its module, its rule file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+def _all(run: dict) -> bool:
+    return True
+
+
+def _engine_options(section: dict) -> dict:
+    """A `bench` / `regenerate` section as its stage reads it: the `sglang` options count only with engine sglang."""
+    return section if section["engine"] == "sglang" else {**section, "sglang": {}}
+
+
+def data_parallel(train_resources: dict) -> int:
+    """Training ranks of a layout: (GPUs per node - inference GPUs) x nodes, 1 on CPU. Part of the train key, since
+    the global batch (and so the schedule) is micro batch x accumulation x ranks."""
+    gpus = train_resources.get("gpus", 0) - train_resources.get("inference_gpus", 0)
+    return max(1, gpus) * train_resources.get("nodes", 1)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    version: int                 # bump when the stage's code changes what it writes: its key and all below change
+    upstream: tuple[str, ...]    # "a|b": the first of a, b that the run plans
+    reads: str                   # the config a key hashes (docs)
+    output: str                  # what the directory holds (docs)
+    select: Callable             # (run, phase, dataset) -> the config subset the key hashes
+    when: Callable = _all        # (run) -> whether the run plans this stage
+    per_dataset: bool = False    # one instance per dataset entry of the phase
+    threads: int = 1             # CPU threads of the job (GPU stages: see resources)
+
+
+def _prepare(run: dict, phase, ds=None) -> dict:
+    data = dict(run["data"])
+    if data["exclude_benchmarks"]:
+        data["benchmarks"] = phase.datasets
+    return {"data": data}
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("target", 1, (), "`target`", "model + tokenizer (or a pointer to a local path / hub id)",
+          lambda run, phase, ds=None: {"target": run["target"]}, threads=2),
+    Stage("prepare", 1, (), "`data` (+ the phase's datasets, to drop benchmark prompts)", "`conversations.jsonl`",
+          _prepare),
+    Stage("regenerate", 1, ("prepare", "target"), "`regenerate`",
+          "`conversations.jsonl` with the target's answers",
+          lambda run, phase, ds=None: {"regenerate": _engine_options(run["regenerate"])},
+          when=lambda run: run["regenerate"]["enabled"], threads=2),
+    Stage("tokenize", 1, ("regenerate|prepare", "target"), "`tokenize`",
+          "`tokens.pt` with the assistant-only loss mask", lambda run, phase, ds=None: {"tokenize": run["tokenize"]}),
+    Stage("train", 1, ("tokenize", "target"), "`drafter`, `train`, the layout's data-parallel size",
+          "`drafter.pt`, `metrics.jsonl`, `summary.json`",
+          lambda run, phase, ds=None: {"drafter": run["drafter"], "train": run["train"],
+                                       "data_parallel": data_parallel(run["resources"].get("train", {}))}),
+    Stage("convert", 1, ("train",), "`convert`", "`model.safetensors` + `config.json` (z-lab / SGLang format)",
+          lambda run, phase, ds=None: {"convert": run["convert"]}),
+    Stage("bench", 1, ("convert", "target"), "`bench`, one dataset entry",
+          "`records.jsonl` (raw, per request), `summary.json`",
+          lambda run, phase, ds=None: {"bench": _engine_options(run["bench"]), "dataset": ds}, per_dataset=True),
+)
+# One per phase, over every run's train and bench stages; its directory is results/reports/<phase>/.
+REPORT = Stage("report", 1, ("train", "bench"), "the phase", "`results/reports/<phase>/`",
+               lambda run, phase, ds=None: {"phase": phase.name, "references": phase.references,
+                                            "external": phase.external})
+
+BY_NAME = {s.name: s for s in (*STAGES, REPORT)}
+NAMES = tuple(s.name for s in STAGES)
+
+
+def markdown_table() -> str:
+    """The README's stage table."""
+    rows = ["| stage | reads | upstream | output |", "|---|---|---|---|"]
+    for s in (*STAGES, REPORT):
+        up = ", ".join(u.replace("|", " (or ") + (")" if "|" in u else "") for u in s.upstream) or "-"
+        if s is REPORT:
+            up = "every bench and train of the phase"
+        rows.append(f"| {s.name} | {s.reads} | {up} | {s.output} |")
+    return "\n".join(rows)

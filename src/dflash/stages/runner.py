@@ -1,0 +1,96 @@
+"""Run one stage instance: check its inputs, build its output in a temporary directory, write provenance, rename
+into place. A failure leaves no output: `results/<stage>/<key>/` (and `results/reports/<phase>/`) only ever hold
+complete outputs. Stages that resume (train, regenerate) keep their work under `results/checkpoints/<stage>-<key>/`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dflash.checksums import sha256_file
+from dflash.errors import InputError
+from dflash.plan.keys import Registry, StageInstance
+from dflash.plan.paths import Results
+from dflash.results import provenance, publish
+from dflash.stages import BY_NAME
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Context:
+    """What a stage's `run(ctx)` gets."""
+
+    config: dict                   # the config fields the stage reads (what its key hashes)
+    out: Path                      # the (temporary) output directory to fill
+    upstream: dict[str, Path]      # upstream stage name -> its directory
+    work: Path                     # resumable work directory (results/checkpoints/<stage>-<key>)
+    log: Callable[[str], None] = log
+    logging: dict = field(default_factory=dict)     # observability settings (wandb, progress; not in the key)
+    registry: Registry | None = None                # the report reads its phase's plans from it
+
+
+def verify_inputs(results: Results, inst: StageInstance) -> dict[str, str]:
+    """Check the output files of the upstream stages this stage reads against the sha256 their provenance records;
+    the checksums of what it reads: '<stage>/<key>' (the provenance.json) and '<stage>/<key>/<file>'."""
+    reads = {name for names in BY_NAME[inst.stage].upstream for name in names.split("|")}
+    omitted = publish.omitted_files(results.root)          # weights a published tree leaves out
+    inputs = {}
+    for stage, key in inst.inputs():
+        d = results.stage_dir(stage, key)
+        if not (d / provenance.PROVENANCE).is_file():
+            raise InputError(f"{inst.stage} {inst.key}: input {d} is missing or incomplete "
+                             f"(no {provenance.PROVENANCE}); run its {stage} stage first")
+        inputs[f"{stage}/{key}"] = sha256_file(d / provenance.PROVENANCE)
+        if stage not in reads:
+            continue
+        for rel, digest in provenance.read(d)["outputs"].items():
+            f = d / rel
+            if not f.is_file() and omitted.get(f"{stage}/{key}/{rel}") == digest:
+                continue
+            actual = sha256_file(f) if f.is_file() else None
+            if actual != digest:
+                what = "is missing" if actual is None else "changed since its stage wrote it (sha256 differs)"
+                raise InputError(f"{inst.stage} {inst.key}: input {f} {what}; remove {d} and rerun its {stage} "
+                                 f"stage (`snakemake` reruns it)")
+            inputs[f"{stage}/{key}/{rel}"] = digest
+    return inputs
+
+
+def module(stage: str):
+    return importlib.import_module(f"dflash.stages.{stage}")
+
+
+def run(reg: Registry, stage: str, key: str) -> Path:
+    """Run a stage instance. Under a distributed launcher (RANK set), every rank runs the stage; only rank 0
+    writes and publishes the output directory."""
+    inst = reg.get(stage, key)
+    inputs = verify_inputs(reg.results, inst)
+    upstream = {s: reg.results.stage_dir(s, k) for s, k in inst.upstream.items() if isinstance(k, str)}
+    work = reg.results.work_dir(stage, key)
+    def context(out: Path) -> Context:
+        return Context(inst.config, out, upstream, work, log, inst.logging, reg)
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        scratch = Path(tempfile.mkdtemp(prefix=f"dflash-{stage}-{key}-rank"))
+        try:
+            module(stage).run(context(scratch))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return inst.dir
+    started = provenance.now()
+    with provenance.atomic_dir(inst.dir) as tmp:
+        result = module(stage).run(context(tmp)) or {}
+        inputs.update(result.get("inputs", {}))
+        provenance.write(tmp, provenance.record(stage, key, inst.config, inst.upstream, tmp, started, inputs,
+                                                result.get("summary", {}), inst.users))
+    return inst.dir

@@ -1,0 +1,1 @@
+"""Training: the loop, process groups and sharding, checkpoints, metrics tracking."""

@@ -1,0 +1,240 @@
+"""The training loop: the DFlash drafter trained on the target's hidden states, read top to bottom.
+
+Per optimizer step and micro-batch: the frozen target (bf16 on GPU, no grad) computes the outputs of
+`target_layer_ids`; anchors are sampled from a generator seeded by (seed, step, rank), so a resumed run samples the
+same ones; the drafter predicts every block from the target context before its anchor; the decay-weighted loss
+(LM head fused into the loss) is backpropagated. Gradients sync only on the last micro-step.
+
+One process, or several under torchrun / Ray Train: the drafter is then sharded with FSDP2 (`fully_shard` per
+decoder layer, bf16 compute, fp32 master weights and optimizer state). Checkpoints (torch DCP, sharded) go to a work
+directory keyed by the train stage key, which Snakemake never deletes; a rerun resumes from the newest intact one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from dflash.data.tokens import load_tokens
+from dflash.modeling import objective
+from dflash.modeling.drafter import TRAINED_CONFIG, TRAINED_WEIGHTS, DFlashDrafter, DrafterConfig, target_features
+from dflash.modeling.schedule import lr_at, total_steps
+from dflash.modeling.target import load_target, mask_token_id
+from dflash.training.checkpoints import find_checkpoint, load_checkpoint, save_checkpoint
+from dflash.training.distributed import all_sum, barrier, broadcast_path, init_distributed, shard
+from dflash.training.tracker import Tracker
+
+METRICS = "metrics.jsonl"
+
+
+class Batches:
+    """Deterministic data order: epoch e visits the rows in a permutation seeded by (seed, e)."""
+
+    def __init__(self, tokens: dict, seed: int):
+        self.ids, self.mask, self.offsets = tokens["input_ids"].long(), tokens["loss_mask"], tokens["offsets"]
+        self.n = len(self.offsets) - 1
+        self.max_len = int((self.offsets[1:] - self.offsets[:-1]).max())
+        self.seed = seed
+        self._perm: dict[int, torch.Tensor] = {}
+
+    def row(self, i: int) -> int:
+        epoch = i // self.n
+        if epoch not in self._perm:
+            self._perm = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))}
+        return int(self._perm[epoch][i % self.n])
+
+    def get(self, sample_indices: list[int], pad_id: int, width: int | None = None):
+        rows = [self.row(i) for i in sample_indices]
+        lens = [int(self.offsets[r + 1] - self.offsets[r]) for r in rows]
+        width = width or max(lens)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.bool)
+        for j, (r, n) in enumerate(zip(rows, lens, strict=True)):
+            a = int(self.offsets[r])
+            ids[j, :n], mask[j, :n] = self.ids[a:a + n], self.mask[a:a + n]
+        return ids, mask, torch.tensor(lens)
+
+
+def block_mask_factory(device: str, mode: str):
+    """None for SDPA with a dense mask (CPU: FlexAttention has no CPU backward), else a function building the
+    FlexAttention BlockMask of a batch from the same mask_mod. Query length (anchors x block) and key length (padded
+    context + queries) are fixed, so the compiled attention never recompiles."""
+    if mode == "sdpa" or (mode == "auto" and device != "cuda"):
+        return None
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def make(anchors, ctx_len, block_size):
+        b, n = anchors.shape
+        q_len = n * block_size
+        return create_block_mask(objective.mask_mod_for(anchors, ctx_len, block_size), b, None, q_len,
+                                 ctx_len + q_len, device=device, _compile=True)
+
+    return make
+
+
+def compile_layers(drafter: DFlashDrafter) -> None:
+    """Compile each decoder layer (FlexAttention inside, norms and MLP fused), one graph per layer shape."""
+    for layer in drafter.layers:
+        layer.compile(dynamic=False)
+
+
+def train_step_loss(target, drafter, mcfg, ids, lmask, lens, tc, gen, make_block_mask, embed, lm_weight) -> dict:
+    """Forward one micro-batch and return the loss dict (see objective.fused_block_loss)."""
+    device, bs = ids.device, mcfg.block_size
+    att = (torch.arange(ids.shape[1], device=device)[None] < lens[:, None]).long()
+    with torch.no_grad():
+        feats = target_features(target, ids, mcfg.target_layer_ids, att)
+    anchors, keep = objective.sample_anchors(lmask, tc["num_anchors"], bs, gen, lens)
+    blocks = objective.build_blocks(ids, lmask, anchors, keep, bs, mcfg.mask_token_id, tc["gamma"])
+    with torch.no_grad():
+        block_emb = embed(blocks.input_ids)
+    s = ids.shape[1]
+    positions = torch.cat([torch.arange(s, device=device).expand(ids.shape[0], s), blocks.positions], 1)
+    mask = make_block_mask(anchors, s, bs) if make_block_mask else objective.dense_mask(anchors, s, bs)
+    dtype = next(iter(drafter.parameters())).dtype if device.type == "cpu" else torch.bfloat16
+    with torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else nullcontext():
+        hidden = drafter(block_emb.to(dtype), feats.to(dtype), positions, mask=mask)
+    return objective.fused_block_loss(hidden.to(lm_weight.dtype), lm_weight, blocks, bs, tc["loss_chunk"])
+
+
+def train(cfg: dict, out: Path, upstream: dict[str, Path], work: Path, log=print, logging: dict | None = None) -> dict:
+    tc, dc = cfg["train"], cfg["drafter"]
+    rank, world, device_name = init_distributed()
+    device = torch.device(device_name, torch.cuda.current_device()) if device_name == "cuda" else torch.device("cpu")
+    target, tokenizer = load_target(upstream["target"], device, torch.bfloat16 if device_name == "cuda"
+                                    else torch.float32)
+    mcfg = DrafterConfig.for_target(target.config, dc, mask_token_id(tokenizer, dc.get("mask_token")))
+    drafter = DFlashDrafter(mcfg)
+    drafter.init_weights(dc["init_seed"])
+    drafter.to(device)
+    shard(drafter, device_name, world)
+    data = Batches(load_tokens(upstream["tokenize"]), tc["seed"])
+    planned = cfg.get("data_parallel", 1)
+    if world != planned:
+        log(f"train: WARNING {world} ranks but the phase's layout plans {planned}: the global batch and schedule "
+            f"differ from the plan (resources.train)")
+    steps, global_batch = total_steps(data.n, tc, world)
+    if tc["untrained"]:
+        steps = 0
+    opt = torch.optim.AdamW(drafter.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"], betas=(0.9, 0.95),
+                            fused=device_name == "cuda")
+    if rank == 0:
+        work.mkdir(parents=True, exist_ok=True)
+    barrier(world)
+    start, invalid = 0, 0
+    ckpt = broadcast_path(find_checkpoint(work, log) if rank == 0 else None, rank, world)
+    if ckpt is not None:
+        meta = load_checkpoint(ckpt, drafter, opt)
+        start, invalid = meta["step"], meta["invalid_steps"]
+        log(f"train: resumed from step {start} ({ckpt.name})")
+    metrics_path = work / METRICS
+    if rank == 0:
+        _truncate_metrics(metrics_path, start)
+    make_block_mask = block_mask_factory(device_name, tc["attention"])
+    if make_block_mask is not None:
+        compile_layers(drafter)
+    embed, lm_weight = target.get_input_embeddings(), target.get_output_embeddings().weight
+    bs, pad = mcfg.block_size, tokenizer.pad_token_id or 0
+    width = data.max_len if tc["pad_to"] == "dataset" else None
+    log(f"train: {data.n} rows, {steps} steps (schedule length {steps}), global batch {global_batch} "
+        f"= {tc['micro_batch_size']} x {tc['grad_accum']} accum x {world} ranks, drafter "
+        f"{sum(p.numel() for p in drafter.parameters()) / 1e6:.2f}M params, target layers {mcfg.target_layer_ids}")
+    tracker = Tracker(metrics_path, logging or {}, cfg, steps, start, rank, log)
+    t_start = time.time()
+    drafter.train()
+    per_rank = tc["micro_batch_size"]
+    for step in range(start, steps):
+        t0 = time.time()
+        lr = lr_at(step, steps, tc)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        gen = torch.Generator().manual_seed((tc["seed"] * 1_000_003 + step) * 1009 + rank)
+        acc = torch.zeros(5 + 2 * bs, dtype=torch.float64)   # loss, wsum, correct, counted, tokens, per-k (2 x bs)
+        for micro in range(tc["grad_accum"]):
+            first = ((step * tc["grad_accum"] + micro) * world + rank) * per_rank
+            ids, lmask, lens = (t.to(device) for t in data.get(list(range(first, first + per_rank)), pad, width))
+            if hasattr(drafter, "set_requires_gradient_sync"):
+                drafter.set_requires_gradient_sync(micro == tc["grad_accum"] - 1)
+            res = train_step_loss(target, drafter, mcfg, ids, lmask, lens, tc, gen, make_block_mask, embed,
+                                  lm_weight)
+            (res["loss"] / tc["grad_accum"]).backward()
+            acc[0] += res["loss"].item() / tc["grad_accum"]
+            acc[1:5] += torch.tensor([float(res["weight_sum"]), float(res["correct"]), float(res["counted"]),
+                                      float(lens.sum())], dtype=torch.float64)
+            acc[5:5 + bs] += res["per_k_correct"].cpu().double()
+            acc[5 + bs:] += res["per_k_counted"].cpu().double()
+        acc = all_sum(acc.to(device), world).cpu()
+        loss = acc[0].item() / world
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"train: non-finite loss {loss} at step {step + 1}")
+        gnorm = None
+        if acc[1] == 0:
+            invalid += 1
+            opt.zero_grad(set_to_none=True)
+        else:
+            gnorm = float(torch.nn.utils.clip_grad_norm_(drafter.parameters(), tc["grad_clip"]))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if device_name == "cuda":
+            torch.cuda.synchronize()
+        dt, done = time.time() - t0, step + 1
+        rec = None
+        if done % tc["log_every"] == 0 or done == steps:
+            per_k = (acc[5:5 + bs] / acc[5 + bs:].clamp(min=1)).tolist()
+            rec = {"step": done, "loss": loss, "acc": acc[2].item() / max(1.0, acc[3].item()),
+                   "acc_per_position": [round(a, 4) for a in per_k[1:]], "lr": lr, "grad_norm": gnorm,
+                   "samples_per_s": global_batch / dt, "tokens_per_s": acc[4].item() / dt, "step_s": dt,
+                   "invalid_steps": invalid,
+                   "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device_name == "cuda" else None}
+        tracker.step(rec)
+        if done % tc["save_every"] == 0 or done == steps:
+            save_checkpoint(work, done, drafter, opt, {"invalid_steps": invalid}, tc["keep_last"], rank, world)
+        if done >= 20 and invalid / done > tc["max_invalid_frac"]:
+            raise RuntimeError(f"train: {invalid} of {done} steps had no valid anchor "
+                               f"(> max_invalid_frac {tc['max_invalid_frac']}); check tokenize.min_loss_tokens")
+    tracker.close()
+    wall = time.time() - t_start
+    full = _full_state_dict(drafter, world)
+    summary = {}
+    if rank == 0:
+        torch.save(full, out / TRAINED_WEIGHTS)
+        (out / TRAINED_CONFIG).write_text(json.dumps(mcfg.to_hf("float32"), indent=1))
+        shutil.copy(metrics_path, out / METRICS)
+        last = _last_metrics(metrics_path)
+        summary = {"steps": steps, "schedule_steps": steps, "global_batch": global_batch,
+                   "samples": steps * global_batch, "rows": data.n, "epochs": steps * global_batch / data.n,
+                   "resumed_from": start, "invalid_steps": invalid, "final_loss": last.get("loss"),
+                   "final_acc": last.get("acc"), "wall_s": wall, "device": device_name, "world_size": world,
+                   "planned_data_parallel": planned,
+                   "gpu_name": torch.cuda.get_device_name() if device_name == "cuda" else None,
+                   "target_layer_ids": mcfg.target_layer_ids}
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    barrier(world)
+    return {"summary": summary}
+
+
+def _full_state_dict(drafter, world: int) -> dict:
+    if not hasattr(drafter, "set_requires_gradient_sync"):      # not sharded
+        return {k: v.detach().cpu() for k, v in drafter.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(drafter, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines past `step` (written after the checkpoint a resumed run starts from)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def _last_metrics(path: Path) -> dict:
+    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return json.loads(lines[-1]) if lines else {}
