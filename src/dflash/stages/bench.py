@@ -34,7 +34,7 @@ def _device(choice: str) -> str:
 
 def hardware(device: str, count: bool = False) -> str:
     """The device's name (`count`: prefixed with the number of visible GPUs, for servers that may use several)."""
-    if device != "cuda":
+    if device != "cuda" or not torch.cuda.is_available():          # an SGLang server on a machine we cannot see
         return platform.machine() + " cpu"
     return (f"{torch.cuda.device_count()}x " if count else "") + torch.cuda.get_device_name()
 
