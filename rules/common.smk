@@ -1,11 +1,15 @@
 """Shared helpers: the stage registry (all phases, validated at parse time) and lookups for the rules."""
 
+import sys
+
 from dflash.launch.slurm import load_cluster, slurm_resources, stage_resources
 from dflash.plan.keys import canonical_json, load_registry
 from dflash.stages import BY_NAME
 
-REG = load_registry()
+REG = load_registry(tolerant=True)
 PHASES = sorted(REG.phases)
+for _problem in REG.broken:
+    print(f"dflash: warning: phase left out of this workflow: {_problem}", file=sys.stderr)
 CLUSTER = load_cluster()
 
 

@@ -47,10 +47,18 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def _job_registry():
+    """Every phase that loads; a broken phase file elsewhere is a warning, not the job's failure."""
+    reg = load_registry(tolerant=True)
+    for problem in reg.broken:
+        print(f"dflash: warning: phase left out: {problem}", file=sys.stderr)
+    return reg
+
+
 def cmd_stage(args) -> int:
     from dflash.stages import runner
 
-    print(runner.run(load_registry(), args.stage, args.key))
+    print(runner.run(_job_registry(), args.stage, args.key))
     return 0
 
 
@@ -96,7 +104,7 @@ def cmd_provenance(args) -> int:
 def cmd_launch(args) -> int:
     from dflash.launch import commands
 
-    commands.run(load_registry(), args.stage, args.key)    # replaces this process
+    commands.run(_job_registry(), args.stage, args.key)    # replaces this process
     return 0
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from dflash.checksums import sha256_files
 from dflash.data import synthetic
+from dflash.errors import DataError
 
 FAMILIES = synthetic.FAMILIES            # math, code, chat: the report's groups, and the synthetic sets' kinds
 SYNTHETIC_PREFIX = "synthetic_"          # dataset names `synthetic_<family>`: prompts built in-process
@@ -321,9 +322,9 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, Mapping[str, Any]]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: invalid JSON: {exc}") from exc
+                raise DataError(f"{where}: invalid JSON: {exc}") from None
             if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
             yield where, record
 
 
@@ -388,7 +389,7 @@ def _row_id(spec: DatasetSpec, where: str, index: int, record: Mapping[str, Any]
         if value is not None and value != "":
             return str(value)
     wanted = " or ".join(repr(n) for n in spec.id_fields)
-    raise ValueError(f"{where}: missing field {wanted} (the {spec.name} prompt id)")
+    raise DataError(f"{where}: missing field {wanted} (the {spec.name} prompt id)")
 
 
 def load_benchmark(
@@ -430,11 +431,11 @@ def load_benchmark(
         try:
             turns = spec.formatter(record)
         except _MissingField as exc:
-            raise ValueError(f"{where}: {exc.problem} {exc.field} (needed by {spec.name})") from None
+            raise DataError(f"{where}: {exc.problem} {exc.field} (needed by {spec.name})") from None
         prompts.append(BenchPrompt(id=_row_id(spec, where, index, record), turns=turns))
 
     if not prompts:
-        raise ValueError(f"{spec.name}: {source} holds no rows")
+        raise DataError(f"{spec.name}: {source} holds no rows")
     picked = select_indices(len(prompts), n, seed)
     selected = [prompts[i] for i in picked]
     meta = {

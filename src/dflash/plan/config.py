@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import keyword
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,8 +14,14 @@ import jsonschema
 import yaml
 
 from dflash.data import references
+from dflash.data.benchmarks import DATASETS, FAMILIES, SYNTHETIC_PREFIX
 from dflash.errors import ConfigError
 from dflash.plan.paths import PHASES_DIR, SCHEMA_DIR
+from dflash.stages import BY_NAME
+
+# A phase name is a Snakemake rule name and reaches shell commands: a plain identifier, not a rule of the workflow.
+PHASE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+RESERVED = frozenset({*BY_NAME, "all"})
 
 
 class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
@@ -194,7 +201,18 @@ def _display(path: Path) -> str:
         return str(path)
 
 
+def check_name(name: str, phases_dir: Path = PHASES_DIR) -> None:
+    where = _display(phases_dir / f"{name}.yaml")
+    if not PHASE_NAME.match(name) or keyword.iskeyword(name):
+        raise ConfigError(f"{where}: the phase name {name!r} (the file name) must start with a letter and hold only "
+                          "letters, digits and underscores")
+    if name in RESERVED:
+        raise ConfigError(f"{where}: the phase name {name!r} (the file name) is a rule of the workflow; rename the "
+                          f"file (reserved: {', '.join(sorted(RESERVED))})")
+
+
 def load_phase(name: str, phases_dir: Path = PHASES_DIR) -> Phase:
+    check_name(name, phases_dir)
     schema = _schema(SCHEMA_DIR / "phase.schema.yaml")         # read only: fill_defaults copies what it takes
     doc, chain = _read_document(name, phases_dir)
     src = chain[0]
@@ -210,6 +228,7 @@ def load_phase(name: str, phases_dir: Path = PHASES_DIR) -> Phase:
         _check_run(full, f"{src}: runs.{run_name}")
         runs[run_name] = full
     _check_references(doc, src)
+    _check_datasets(doc["datasets"], src)
     return Phase(name=name, file=src, description=doc.get("description", ""), runs=runs,
                  datasets=[fill_defaults(d, schema["$defs"]["dataset"], schema) for d in doc["datasets"]],
                  references=list(doc.get("references", [])), external=dict(doc.get("external", {})), chain=chain)
@@ -231,6 +250,39 @@ def _check_run(run: dict, where: str) -> None:
             raise ConfigError(f"{where}.data.sources.{i}.path: required when kind is 'jsonl'")
         if src["kind"] == "hub" and "hub_id" not in src:
             raise ConfigError(f"{where}.data.sources.{i}.hub_id: required when kind is 'hub'")
+        if src["kind"] == "jsonl":
+            _check_local(src["path"], f"{where}.data.sources.{i}.path")
+    if t["kind"] == "path" or (t["kind"] == "gguf" and "path" in t):
+        _check_local(t["path"], f"{where}.target.path")
+
+
+def _check_local(path: str, where: str) -> None:
+    """A local file (or folder of files) a phase names must exist and hold data before anything runs."""
+    p = Path(path)
+    if p.is_dir():
+        if not any(f.is_file() and f.stat().st_size for f in p.iterdir()):
+            raise ConfigError(f"{where}: {path} is an empty folder")
+    elif not p.is_file():
+        raise ConfigError(f"{where}: {path} not found (paths are relative to the repository root)")
+    elif p.stat().st_size == 0:
+        raise ConfigError(f"{where}: {path} is empty")
+
+
+def _check_datasets(datasets: list[dict], where: str) -> None:
+    """Known names (the ten benchmarks, synthetic_<family>), each listed once, local files present."""
+    first: dict[str, int] = {}
+    synthetic = [SYNTHETIC_PREFIX + f for f in FAMILIES]
+    for i, ds in enumerate(datasets):
+        name = ds["name"]
+        if name not in DATASETS and name not in synthetic:
+            raise ConfigError(f"{where}: datasets.{i}.name: unknown dataset {name!r}; expected one of "
+                              f"{', '.join([*DATASETS, *synthetic])}")
+        if name in first:
+            raise ConfigError(f"{where}: datasets.{i}: {name!r} is listed twice (also datasets.{first[name]}); "
+                              "one entry per dataset")
+        first[name] = i
+        if "path" in ds:
+            _check_local(ds["path"], f"{where}: datasets.{i}.path")
 
 
 def _check_references(doc: dict, where: str) -> None:
@@ -251,3 +303,15 @@ def phase_names(phases_dir: Path = PHASES_DIR) -> list[str]:
 
 def load_all(phases_dir: Path = PHASES_DIR) -> dict[str, Phase]:
     return {name: load_phase(name, phases_dir) for name in phase_names(phases_dir)}
+
+
+def load_valid(phases_dir: Path = PHASES_DIR) -> tuple[dict[str, Phase], list[str]]:
+    """Every phase that loads, and the errors of those that do not (for jobs that need only some phases: a broken
+    phase file elsewhere must not fail a running workflow)."""
+    phases, errors = {}, []
+    for name in phase_names(phases_dir):
+        try:
+            phases[name] = load_phase(name, phases_dir)
+        except ConfigError as e:
+            errors.append(str(e))
+    return phases, errors

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dflash.plan.config import Phase, load_all, load_phase
+from dflash.plan.config import Phase, load_all, load_phase, load_valid
 from dflash.plan.paths import PHASES_DIR, Results
 from dflash.stages import BY_NAME, REPORT, STAGES
 
@@ -82,6 +82,7 @@ class Registry:
     plans: dict[str, dict[str, RunPlan]]       # phase -> run -> plan
     reports: dict[str, StageInstance]          # phase -> its report instance
     results: Results
+    broken: list[str] = field(default_factory=list)    # errors of phase files left out (tolerant loading)
 
     def get(self, stage: str, key: str) -> StageInstance:
         if stage == REPORT.name:
@@ -91,7 +92,8 @@ class Registry:
         try:
             return self.instances[(stage, key)]
         except KeyError:
-            raise KeyError(f"no {stage} stage with key {key} in any phase under {PHASES_DIR}") from None
+            unread = f" (phase files not read: {'; '.join(self.broken)})" if self.broken else ""
+            raise KeyError(f"no {stage} stage with key {key} in any phase under {PHASES_DIR}{unread}") from None
 
     def report_key(self, phase: str) -> str:
         return self.reports[phase].key
@@ -147,8 +149,15 @@ def build(phases: dict[str, Phase], results: Results | None = None) -> Registry:
     return Registry(phases, instances, plans, reports, results)
 
 
-def load_registry(phases_dir: Path = PHASES_DIR, only: list[str] | None = None,
-                  results: Results | None = None) -> Registry:
+def load_registry(phases_dir: Path = PHASES_DIR, only: list[str] | None = None, results: Results | None = None,
+                  tolerant: bool = False) -> Registry:
+    """The registry of the phases `only` names, or of every phase. `tolerant`: phase files that fail to load are
+    left out and their errors kept in `broken` (stage jobs and the Snakefile; gc and audits stay strict)."""
     if only:
         return build({name: load_phase(name, phases_dir) for name in only}, results)
-    return build(load_all(phases_dir), results)
+    if not tolerant:
+        return build(load_all(phases_dir), results)
+    phases, broken = load_valid(phases_dir)
+    reg = build(phases, results)
+    reg.broken = broken
+    return reg

@@ -19,6 +19,7 @@ from pathlib import Path
 from dflash.checksums import sha256_file
 from dflash.data import synthetic
 from dflash.data.benchmarks import MATH_SUFFIX, load_prompts
+from dflash.errors import DataError
 
 OUTPUT = "conversations.jsonl"
 
@@ -44,8 +45,8 @@ def _from_record(fmt: str, rec: dict, where: str) -> list[dict]:
             return [{"role": "user", "content": rec["text"]},
                     {"role": "assistant", "content": f"```python\n{rec['code']}\n```"}]
     except (KeyError, TypeError) as e:
-        raise ValueError(f"{where}: missing field {e} for format {fmt!r}") from None
-    raise ValueError(f"{where}: unknown format {fmt!r}")
+        raise DataError(f"{where}: missing field {e} for format {fmt!r}") from None
+    raise DataError(f"{where}: unknown format {fmt!r}")
 
 
 def _excluded_id(src: dict, rid) -> bool:
@@ -80,10 +81,15 @@ def _read_source(src: dict) -> tuple[list[dict], dict, int]:
             for i, line in enumerate(f):
                 if not line.strip():
                     continue
-                rec = json.loads(line)
                 where = f"{path}:{i + 1}"
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
+                if not isinstance(rec, dict):
+                    raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
                 if id_field and id_field not in rec:
-                    raise ValueError(f"{where}: missing id field {id_field!r} (data.sources id_field)")
+                    raise DataError(f"{where}: missing id field {id_field!r} (data.sources id_field)")
                 rid = rec[id_field] if id_field else rec.get("id", i)
                 if _excluded_id(src, rid):
                     skipped += 1
@@ -98,7 +104,7 @@ def _read_source(src: dict) -> tuple[list[dict], dict, int]:
         for i, r in enumerate(ds):
             rec, where = dict(r), f"{src['hub_id']}:{i}"
             if id_field and id_field not in rec:
-                raise ValueError(f"{where}: missing id field {id_field!r} (data.sources id_field)")
+                raise DataError(f"{where}: missing id field {id_field!r} (data.sources id_field)")
             rid = rec[id_field] if id_field else i
             if _excluded_id(src, rid):
                 skipped += 1
@@ -156,7 +162,7 @@ def run(ctx) -> dict:
         duplicates = len(rows) - len(kept)
         rows = kept
     if not rows:
-        raise ValueError("data.sources: no conversations left after filtering")
+        raise DataError("data.sources: no conversations left after filtering")
     without_reply = sum(1 for r in rows if not any(m["role"] == "assistant" and m["content"] for m in r["messages"]))
     with open(out / OUTPUT, "w") as f:
         for r in rows:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dflash.data import chat
 from dflash.data.tokens import save_tokens
+from dflash.errors import DataError
 from dflash.modeling.target import load_tokenizer
 from dflash.stages import prepare
 
@@ -24,7 +25,7 @@ def assistant_spans(tokenizer, msgs: list[dict], enable_thinking: bool) -> tuple
             continue
         start = full.find(m["content"], cursor)
         if start < 0:
-            raise ValueError("an assistant turn does not appear verbatim in the chat template's rendering")
+            raise DataError("an assistant turn does not appear verbatim in the chat template's rendering")
         end = start + len(m["content"])
         if eos and full.startswith(eos, end):
             end += len(eos)
@@ -59,7 +60,7 @@ def run(ctx) -> dict:
         masks += mask
         offsets.append(len(ids))
     if len(offsets) == 1:
-        raise ValueError(f"tokenize: every conversation has fewer than min_loss_tokens={tc['min_loss_tokens']} "
+        raise DataError(f"tokenize: every conversation has fewer than min_loss_tokens={tc['min_loss_tokens']} "
                          "loss tokens")
     save_tokens(out, ids, masks, offsets)
     n = len(offsets) - 1

@@ -48,7 +48,12 @@ def find_checkpoint(work: Path, log=print) -> Path | None:
         if not meta_file.is_file():
             log(f"train: checkpoint {ckpt} is partial (no meta.json), skipped")
             continue
-        files = json.loads(meta_file.read_text())["files"]
+        try:
+            meta = json.loads(meta_file.read_text())
+            files, _, _ = dict(meta["files"]), int(meta["step"]), int(meta["invalid_steps"])
+        except (ValueError, KeyError, TypeError) as e:
+            log(f"train: checkpoint {ckpt} has an unreadable meta.json ({e!r}), skipped")
+            continue
         actual = {k: v for k, v in tree_checksums(ckpt).items() if k != "meta.json"}
         if actual != files:
             bad = sorted(k for k in set(files) | set(actual) if files.get(k) != actual.get(k))
