@@ -40,6 +40,9 @@ def copy_repo(dest: Path) -> Path:
         if src.is_file():
             (dest / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / f)
+    shared = ROOT.parent / "shared"                 # phases name `../shared/data/...` beside the checkout
+    if shared.is_dir() and not (dest.parent / "shared").exists():
+        (dest.parent / "shared").symlink_to(shared, target_is_directory=True)
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
     for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "copy"]):
         subprocess.run(git + cmd, cwd=dest, check=True, capture_output=True)
