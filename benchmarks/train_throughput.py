@@ -5,6 +5,13 @@ Shapes: 5 drafter layers, hidden 4096, intermediate 12288, 32/8 heads, vocab 151
 
     python benchmarks/train_throughput.py --seq 2048 3072            # one GPU: optimised path vs a baseline path
     torchrun --nproc_per_node 4 benchmarks/train_throughput.py --seq 2048 --fsdp   # FSDP2 scaling
+    torchrun --nproc_per_node 2 benchmarks/train_throughput.py --seq 2048 --with-target   # end to end, 2 GPUs
+
+`--with-target` times what the train stage does per step, through its own function (`train_step_loss`): the frozen
+target's forward (a randomly initialised Qwen3-8B-shaped Qwen3ForCausalLM in bf16, built on the device with the 34
+layers the deepest feature layer needs), feature gathering, anchors and blocks, the drafter forward and fused loss,
+backward, clip, AdamW; FSDP2 and compiled layers as the trainer uses them. It also times the target forward alone to
+report its share of the step.
 
 The baseline path, run in the same process, keeps fp32 weights under autocast, materialises the full-vocab logits
 (plain cross entropy) and uses the default (foreach) AdamW; the optimised path shards the drafter with FSDP2 (bf16
@@ -24,8 +31,9 @@ import torch
 import torch.distributed as dist
 
 from dflash.modeling import objective
-from dflash.modeling.drafter import DFlashDrafter, DrafterConfig
-from dflash.train import block_mask_factory, compile_layers, shard
+from dflash.modeling.drafter import DFlashDrafter, DrafterConfig, target_features
+from dflash.training.distributed import shard
+from dflash.training.loop import block_mask_factory, compile_layers, train_step_loss
 
 QWEN3_8B = dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=5, num_attention_heads=32,
                 num_key_value_heads=8, head_dim=128, vocab_size=151936, num_target_layers=36,
@@ -126,6 +134,88 @@ def run_config(seq: int, anchors: int, fused: bool, steps: int, warmup: int, wor
     return out
 
 
+TARGET_8B = dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=34,
+                 num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                 tie_word_embeddings=False, rms_norm_eps=1e-6)
+
+
+def build_target(dev: torch.device):
+    """Qwen3-8B's shapes with random weights, bf16, built on the device: layers 0..33 (the deepest feature layer)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(**TARGET_8B, attn_implementation="sdpa")
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with dev:
+            model = Qwen3ForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def run_end_to_end(seq: int, anchors: int, steps: int, warmup: int, world: int, rank: int, loss_chunk: int,
+                   compile_mode: bool, target) -> dict:
+    """One train-stage step as the trainer takes it, target forward included (see the module docstring)."""
+    dev = torch.device("cuda", torch.cuda.current_device())
+    c = DrafterConfig(**QWEN3_8B)
+    torch.manual_seed(0)
+    drafter = DFlashDrafter(c).to(dev)
+    drafter.init_weights(0)
+    shard(drafter, "cuda", world)
+    opt = torch.optim.AdamW(drafter.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
+    make_block_mask = block_mask_factory("cuda", "flex")
+    if compile_mode:
+        compile_layers(drafter)
+    embed, lm_weight = target.get_input_embeddings(), target.get_output_embeddings().weight
+    tc = {"num_anchors": anchors, "gamma": 7.0, "loss_chunk": loss_chunk}
+    gen = torch.Generator().manual_seed(rank)
+    lens = torch.tensor([seq], device=dev)
+    batches = [torch.randint(0, c.vocab_size - 300, (1, seq), generator=gen) for _ in range(4)]
+    lmask = torch.zeros(1, seq, dtype=torch.bool, device=dev)
+    lmask[:, seq // 8:] = True
+    times = []
+    for it in range(warmup + steps):
+        if it == warmup:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        ids = batches[it % len(batches)].to(dev, non_blocking=True)        # a new batch every step
+        res = train_step_loss(target, drafter, c, ids, lmask, lens, tc, gen, make_block_mask, embed, lm_weight)
+        res["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(drafter.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if it >= warmup:
+            times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    fwd = []
+    with torch.no_grad():
+        for it in range(warmup + steps):
+            ids = batches[it % len(batches)].to(dev)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            target_features(target, ids, c.target_layer_ids)
+            torch.cuda.synchronize()
+            if it >= warmup:
+                fwd.append(time.perf_counter() - t0)
+    step_s, fwd_s = sorted(times)[len(times) // 2], sorted(fwd)[len(fwd) // 2]
+    if world > 1:
+        t = torch.tensor([step_s], device=dev)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        step_s = t.item()
+    del drafter, opt
+    torch.cuda.empty_cache()
+    return {"gpu": torch.cuda.get_device_name(), "world_size": world, "seq": seq, "anchors": anchors,
+            "path": "end-to-end (target forward + train_step_loss + backward + AdamW)", "compiled_layers": compile_mode,
+            "ms_per_step": round(step_s * 1e3, 1), "samples_per_s_per_gpu": round(1 / step_s, 2),
+            "samples_per_s": round(world / step_s, 2), "target_forward_ms": round(fwd_s * 1e3, 1),
+            "target_forward_share": round(fwd_s / step_s, 3), "peak_mem_gib": round(peak, 2),
+            "goal_samples_per_s_per_gpu": 4.5, "torch": torch.__version__}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seq", type=int, nargs="+", default=[2048, 3072])
@@ -137,6 +227,8 @@ def main() -> None:
     p.add_argument("--loss-chunk", type=int, nargs="+", default=[2048], help="optimised path: rows per loss chunk")
     p.add_argument("--compile-layers", type=int, nargs="+", default=[1], choices=[0, 1],
                    help="optimised path: compile each decoder layer (1, what dflash.train does) or not (0)")
+    p.add_argument("--with-target", action="store_true", help="end to end: the frozen 8B-shaped target's forward "
+                   "and the train stage's own step function, FSDP2 over all ranks")
     p.add_argument("--json", help="append results to this file")
     args = p.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -145,7 +237,16 @@ def main() -> None:
     if world > 1:
         dist.init_process_group("nccl")
     results = []
-    for seq in args.seq:
+    if args.with_target:
+        target = build_target(torch.device("cuda", torch.cuda.current_device()))
+        for seq in args.seq:
+            for comp in args.compile_layers:
+                r = run_end_to_end(seq, args.anchors, args.steps, args.warmup, world, rank, args.loss_chunk[0],
+                                   bool(comp), target)
+                results.append(r)
+                if rank == 0:
+                    print(json.dumps(r), flush=True)
+    for seq in ([] if args.with_target else args.seq):
         configs = [(True, ch, comp) for ch in args.loss_chunk for comp in args.compile_layers]
         if not (args.fsdp or args.no_baseline):
             configs.insert(0, (False, None, False))

@@ -125,3 +125,37 @@ def test_fsdp_under_ray_train_two_workers(work_repo):
     prov = json.loads((work_repo / "results" / "train" / key / "provenance.json").read_text())
     assert prov["summary"]["launcher"] == "ray" and prov["summary"]["ray_workers"] == 2
     _two_rank_result(work_repo, key)
+
+
+def test_wandb_offline_run_holds_the_metrics_and_the_stage_identity(work_repo):
+    """A short smoke train with logging.wandb offline: the offline run directory (listed in provenance) holds the
+    logged metrics and the stage key, phase and run as config."""
+    pytest.importorskip("wandb")
+    doc = {"extends": "smoke", "defaults": {"train": {"max_steps": 4, "log_every": 1, "save_every": 4},
+                                            "logging": {"wandb": "offline", "progress": False}}}
+    (work_repo / "configs" / "phases" / "logged.yaml").write_text(yaml.safe_dump(doc))
+    plan = json.loads(subprocess.run([str(BIN / "dflash"), "plan", "logged", "--json"], cwd=work_repo,
+                                     capture_output=True, text=True, env=env(), check=True).stdout)
+    key = next(r["key"] for r in plan if r["stage"] == "train")
+    proc = subprocess.run([str(BIN / "dflash"), "stage", "train", key], cwd=work_repo, capture_output=True, text=True,
+                          env={**env(), "WANDB_SILENT": "true"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    prov = json.loads((work_repo / "results" / "train" / key / "provenance.json").read_text())
+    run_dir = work_repo / prov["summary"]["wandb_run_dir"]
+    assert run_dir.is_dir() and run_dir.name.startswith("offline-run-") and run_dir.name.endswith(f"train-{key}")
+    config = yaml.safe_load((run_dir / "files" / "config.yaml").read_text())
+    assert (config["stage_key"]["value"], config["phase"]["value"], config["run"]["value"]) == (key, "logged", "main")
+    from wandb.sdk.internal.datastore import DataStore
+
+    store = DataStore()
+    store.open_for_scan(str(next(run_dir.glob("*.wandb"))))
+    logged = []
+    while (data := store.scan_data()) is not None:
+        from wandb.proto import wandb_internal_pb2
+
+        rec = wandb_internal_pb2.Record()
+        rec.ParseFromString(data)
+        if rec.WhichOneof("record_type") == "history":
+            logged.append({item.key: item.value_json for item in rec.history.item})
+    steps = [json.loads(h["_step"]) for h in logged]
+    assert steps == [1, 2, 3, 4] and all("loss" in h and "lr" in h for h in logged)

@@ -78,7 +78,7 @@ def run(reg: Registry, stage: str, key: str) -> Path:
     upstream = {s: reg.results.stage_dir(s, k) for s, k in inst.upstream.items() if isinstance(k, str)}
     work = reg.results.work_dir(stage, key)
     def context(out: Path) -> Context:
-        return Context(inst.config, out, upstream, work, log, inst.logging, reg)
+        return Context(inst.config, out, upstream, work, log, {**inst.logging, "key": key}, reg)
 
     if int(os.environ.get("RANK", "0")) != 0:
         scratch = Path(tempfile.mkdtemp(prefix=f"dflash-{stage}-{key}-rank"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from contextlib import nullcontext
@@ -87,7 +88,9 @@ def compile_layers(drafter: DFlashDrafter) -> None:
 def train_step_loss(target, drafter, mcfg, ids, lmask, lens, tc, gen, make_block_mask, embed, lm_weight) -> dict:
     """Forward one micro-batch and return the loss dict (see objective.fused_block_loss)."""
     device, bs = ids.device, mcfg.block_size
-    att = (torch.arange(ids.shape[1], device=device)[None] < lens[:, None]).long()
+    # no padding: no mask, so the target's attention takes its plain causal (flash) path
+    full = bool((lens == ids.shape[1]).all())
+    att = None if full else (torch.arange(ids.shape[1], device=device)[None] < lens[:, None]).long()
     with torch.no_grad():
         feats = target_features(target, ids, mcfg.target_layer_ids, att)
     anchors, keep = objective.sample_anchors(lmask, tc["num_anchors"], bs, gen, lens)
@@ -214,6 +217,8 @@ def train(cfg: dict, out: Path, upstream: dict[str, Path], work: Path, log=print
                    "planned_data_parallel": planned,
                    "gpu_name": torch.cuda.get_device_name() if device_name == "cuda" else None,
                    "target_layer_ids": mcfg.target_layer_ids}
+        if tracker.run_dir:                       # wandb's run directory, relative to the repository root
+            summary["wandb_run_dir"] = os.path.relpath(tracker.run_dir)
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
     barrier(world)
     return {"summary": summary}

@@ -7,12 +7,14 @@ from pathlib import Path
 
 
 class Tracker:
-    """metrics.jsonl (rank 0), a progress bar, and wandb when enabled (project and run named by phase and run)."""
+    """metrics.jsonl (rank 0), a progress bar, and wandb when enabled: project and run named by phase and run, the
+    stage key, phase and run in its config, its files under the stage's work directory (`wandb/`), one wandb run
+    id per stage key so that a resumed stage continues its run."""
 
     def __init__(self, path: Path, logging: dict, config: dict, steps: int, start: int, rank: int, log):
         self.rank, self.log = rank, log
         self.file = open(path, "a") if rank == 0 else None
-        self.bar = self.wandb = None
+        self.bar = self.wandb = self.run_dir = None
         if rank == 0 and logging.get("progress", True):
             from tqdm import tqdm
 
@@ -22,9 +24,14 @@ class Tracker:
                 import wandb
             except ImportError:
                 raise ImportError("logging.wandb is set but wandb is missing: pip install -e '.[wandb]'") from None
-            phase, run = logging.get("phase", "dflash"), logging.get("run", "run")
+            phase, run, key = logging.get("phase", "dflash"), logging.get("run", "run"), logging.get("key")
+            root = Path(path).parent / "wandb"
+            root.mkdir(parents=True, exist_ok=True)
             self.wandb = wandb.init(project=logging.get("wandb_project") or f"dflash-{phase}", name=f"{phase}/{run}",
-                                    mode=logging["wandb"], config=config, resume="allow")
+                                    id=f"train-{key}" if key else None, dir=str(root), mode=logging["wandb"],
+                                    config={"stage": "train", "stage_key": key, "phase": phase, "run": run, **config},
+                                    resume="allow")
+            self.run_dir = Path(self.wandb.dir).parent        # <root>/wandb/<mode>-run-<time>-<id>/
 
     def step(self, rec: dict | None) -> None:
         if self.rank != 0:

@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# The GPU path for real, on a machine with 2 GPUs and no network: Snakemake runs the `smoke_gpu` phase with its
+# train stage under torchrun, then the same DAG (`smoke_gpu_ray`: equal stage keys) under Ray Train, each followed by
+# `dflash audit`; then the end-to-end training throughput at Qwen3-8B shape on 1 and 2 GPUs.
+#
+# What the GPU machine lacks (snakemake, jsonschema, ray[train], wandb and their dependencies) travels as wheels:
+#
+#   bash benchmarks/gpu_pipeline.sh wheels            # here, with PyPI: .whl/part-* (55 MB each) + .whl/SHA256SUMS
+#   bash benchmarks/gpu_pipeline.sh stash             # there, once per part (calls within the machine's warm time)
+#   bash benchmarks/gpu_pipeline.sh install smoke     # there, after the last part: join, check, install, run
+#   bash benchmarks/gpu_pipeline.sh install throughput
+#
+# Results (reports, audits, keys, logs, throughput JSON) go to $OUT (default: results/gpu_pipeline).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WHL=.whl
+STASH=/tmp/dflash-wheels
+SITE=/tmp/dflash-site
+OUT=${OUT:-results/gpu_pipeline}
+PART_BYTES=55000000
+PY=${PYTHON:-python3}
+
+wheels() {      # the wheels for CPython 3.12 on x86-64 Linux, minus what the GPU machine's image already has
+  rm -rf "$WHL" && mkdir -p "$WHL/wheels"
+  local plat=()
+  for p in manylinux_2_35_x86_64 manylinux_2_34_x86_64 manylinux_2_31_x86_64 manylinux_2_28_x86_64 \
+           manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64; do
+    plat+=(--platform "$p")
+  done
+  "$PY" -m pip wheel -q --no-deps -w "$WHL/wheels" "connection_pool>=0.0.3"       # published as an sdist only
+  "$PY" -m pip download -q --only-binary=:all: --find-links "$WHL/wheels" --python-version 3.12 \
+    --implementation cp "${plat[@]}" -d "$WHL/wheels" \
+    "snakemake==9.27.1" "jsonschema>=4.20" "ray[train]==2.60.0" "wandb==0.31.0" "pyyaml>=6"
+  rm -f "$WHL"/wheels/{numpy,pandas,torch,triton,nvidia_}*                          # in the image already
+  tar -C "$WHL" -cf "$WHL/wheels.tar" wheels && rm -rf "$WHL/wheels"
+  (cd "$WHL" && sha256sum wheels.tar > SHA256SUMS && split -b "$PART_BYTES" wheels.tar part- && rm wheels.tar)
+  ls -l "$WHL"
+}
+
+stash() {
+  mkdir -p "$STASH"
+  cp "$WHL"/SHA256SUMS "$STASH"/
+  for f in "$WHL"/part-*; do cp "$f" "$STASH/"; echo "stashed $(basename "$f")"; done
+  ls -l "$STASH"
+}
+
+install() {
+  stash
+  (cd "$STASH" && cat part-* > wheels.tar && sha256sum -c SHA256SUMS)
+  tar -C "$STASH" -xf "$STASH/wheels.tar"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+    "$STASH"/wheels/*.whl
+  mkdir -p "$SITE/bin"
+  printf '#!/usr/bin/env %s\nimport sys\nfrom dflash.cli import main\nsys.exit(main())\n' "$PY" > "$SITE/bin/dflash"
+  chmod +x "$SITE/bin/dflash"
+}
+
+environment() {
+  export PYTHONPATH="$SITE:$PWD/src" PATH="$SITE/bin:$PATH" PYTHONUNBUFFERED=1 WANDB_SILENT=true
+  export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+  mkdir -p "$OUT"
+  { nvidia-smi -L; "$PY" -c 'import torch, transformers, snakemake, ray, wandb; print("torch", torch.__version__,
+    "transformers", transformers.__version__, "snakemake", snakemake.__version__, "ray", ray.__version__,
+    "wandb", wandb.__version__)'; } | tee "$OUT/versions.txt"
+}
+
+one_run() {     # one phase under Snakemake in a fresh results tree, then its audit; results kept as results-<phase>
+  local phase=$1 t0=$SECONDS
+  rm -rf results/target results/prepare results/regenerate results/tokenize results/train results/convert \
+    results/bench results/reports results/phases results/checkpoints results/logs .snakemake
+  snakemake --cores "$(nproc)" --resources gpu=2 "$phase" > "$OUT/$phase.snakemake.log" 2>&1 \
+    || { tail -50 "$OUT/$phase.snakemake.log"; tail -50 results/logs/train/*.log; return 1; }
+  echo "$phase: snakemake finished in $((SECONDS - t0)) s"
+  dflash audit "$phase" | tee "$OUT/$phase.audit.txt"
+  dflash plan "$phase" --json > "$OUT/$phase.plan.json"
+  cp results/reports/"$phase"/report.md "$OUT/$phase.report.md"
+  cp results/logs/train/*.log "$OUT/$phase.train.log"
+  find results/checkpoints -maxdepth 3 -name "offline-run-*" -type d | tee "$OUT/$phase.wandb.txt"
+  rm -rf "results-$phase" && mkdir "results-$phase" && cp -r results/reports results/train "results-$phase"/
+}
+
+smoke() {
+  environment
+  one_run smoke_gpu
+  one_run smoke_gpu_ray
+  "$PY" - "$OUT" <<'EOF'
+import json, sys
+out = sys.argv[1]
+keys = [{(r["run"], r["stage"], r.get("dataset")): r["key"] for r in json.load(open(f"{out}/{p}.plan.json"))
+         if r["stage"] != "report"} for p in ("smoke_gpu", "smoke_gpu_ray")]
+print("planned stage keys equal (torchrun vs ray):", keys[0] == keys[1], f"({len(keys[0])} stages)")
+EOF
+}
+
+throughput() {
+  environment
+  "$PY" benchmarks/train_throughput.py --with-target --seq 2048 --json "$OUT/throughput.jsonl"
+  torchrun --standalone --nproc-per-node 2 benchmarks/train_throughput.py --with-target --seq 2048 \
+    --json "$OUT/throughput.jsonl"
+}
+
+for step in "$@"; do "$step"; done
