@@ -68,14 +68,15 @@ one_run() {     # one phase under Snakemake in a fresh results tree, then its au
   local phase=$1 t0=$SECONDS
   rm -rf results/target results/prepare results/regenerate results/tokenize results/train results/convert \
     results/bench results/reports results/phases results/checkpoints results/logs .snakemake
-  snakemake --cores "$(nproc)" --resources gpu=2 "$phase" > "$OUT/$phase.snakemake.log" 2>&1 \
+  snakemake "$phase" --cores "$(nproc)" --resources gpu=2 --config resources_of="$phase" \
+    > "$OUT/$phase.snakemake.log" 2>&1 \
     || { tail -50 "$OUT/$phase.snakemake.log"; tail -50 results/logs/train/*.log; return 1; }
   echo "$phase: snakemake finished in $((SECONDS - t0)) s"
   dflash audit "$phase" | tee "$OUT/$phase.audit.txt"
   dflash plan "$phase" --json > "$OUT/$phase.plan.json"
   cp results/reports/"$phase"/report.md "$OUT/$phase.report.md"
   cp results/logs/train/*.log "$OUT/$phase.train.log"
-  find results/checkpoints -maxdepth 3 -name "offline-run-*" -type d | tee "$OUT/$phase.wandb.txt"
+  find results/checkpoints -name "offline-run-*" -type d | tee "$OUT/$phase.wandb.txt"
   rm -rf "results-$phase" && mkdir "results-$phase" && cp -r results/reports results/train "results-$phase"/
 }
 

@@ -8,6 +8,19 @@ from dflash.stages import BY_NAME
 
 REG = load_registry(tolerant=True)
 PHASES = sorted(REG.phases)
+# A stage several phases share (equal key) runs with the resources of the first phase that plans it, or of the phase
+# named by `--config resources_of=PHASE` (e.g. `snakemake smoke_gpu_ray --config resources_of=smoke_gpu_ray` launches
+# the train stage under Ray although smoke_gpu plans it too). Snakemake passes --config on to cluster jobs.
+ASKED = [p for p in str(config.get("resources_of", "")).split(",") if p]
+for _p in ASKED:
+    if _p not in REG.phases:
+        raise ValueError(f"--config resources_of={_p}: no such phase (phases: {', '.join(PHASES)})")
+for (_stage, _key), _inst in REG.instances.items():
+    _asks = {p: r for p, r in _inst.phase_resources.items() if r != _inst.resources}
+    if _asks and not ASKED:
+        print(f"dflash: note: {_stage} {_key} is planned by phases asking different resources "
+              f"({', '.join(sorted({_inst.users[0][0], *_asks}))}); using {_inst.users[0][0]}'s "
+              "(choose with --config resources_of=PHASE)", file=sys.stderr)
 for _problem in REG.broken:
     print(f"dflash: warning: phase left out of this workflow: {_problem}", file=sys.stderr)
 CLUSTER = load_cluster()
@@ -40,12 +53,23 @@ def spec(stage):
     return param
 
 
+def owner(stage, key):
+    """The phase whose resources a stage instance's job uses."""
+    users = [p for p, _ in REG.get(stage, key).users]
+    return next((p for p in ASKED if p in users), users[0] if users else None)
+
+
+def job_phase(stage):
+    """Params function: the phase whose resources the job uses (passed to `dflash launch --phase`)."""
+    return lambda wildcards: owner(stage, wildcards.key)
+
+
 def job_resources(stage):
     """Resources of a rule: every Snakemake resource of this stage's jobs (dflash.launch.slurm.slurm_resources,
     from `resources.<stage>` and the cluster file). A value all planned instances share is given as a constant
     (Snakemake then calls nothing per job); None (not requested) is left out."""
-    table = {inst.key: slurm_resources(inst.resources, CLUSTER) for inst in REG.instances.values()
-             if inst.stage == stage} or {None: slurm_resources(None, CLUSTER)}
+    table = {inst.key: slurm_resources(inst.resources_for(owner(stage, inst.key)), CLUSTER)
+             for inst in REG.instances.values() if inst.stage == stage} or {None: slurm_resources(None, CLUSTER)}
 
     def per_job(name):
         return lambda wildcards: table[wildcards.key][name]
@@ -67,7 +91,8 @@ def stage_threads(stage):
         r = stage_resources(res)
         return r["cpus_per_gpu"] if r["gpus"] else BY_NAME[stage].threads
 
-    table = {inst.key: threads(inst.resources) for inst in REG.instances.values() if inst.stage == stage}
+    table = {inst.key: threads(inst.resources_for(owner(stage, inst.key))) for inst in REG.instances.values()
+             if inst.stage == stage}
     values = set(table.values())
     return values.pop() if len(values) == 1 else (lambda wildcards: table[wildcards.key])
 

@@ -9,6 +9,7 @@ rule train:
         "results/train/{key}/provenance.json",
     params:
         spec=spec("train"),
+        phase=job_phase("train"),
     conda:
         "../workflow/envs/dflash.yaml"
     log:
@@ -17,4 +18,4 @@ rule train:
     resources:
         **job_resources("train"),
     shell:
-        "OMP_NUM_THREADS={threads} dflash launch train {wildcards.key} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} dflash launch train {wildcards.key} --phase {params.phase:q} > {log} 2>&1"

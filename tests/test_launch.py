@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, ROOT, copy_repo, dflash, env
+from conftest import BIN, ROOT, copy_repo, dflash, env, snakemake
 from dflash.launch import commands, profiles, slurm
 
 CLUSTER = {"account": "proj1", "partition": "cpu", "gpu_partition": "gpu", "gpu_model": "h100", "qos": None,
@@ -453,3 +453,32 @@ def test_inference_gpus_get_no_training_rank(monkeypatch):
     assert "--nproc-per-node=6" in argv and "--gpus-per-node=8" in argv and "--nnodes=2" in argv
     assert commands.launch_command("train", "k", {"gpus": 2, "inference_gpus": 1}, env={}) == [
         "dflash", "stage", "train", "k"]                                      # one training rank: no torchrun
+
+
+def test_a_shared_stage_takes_the_resources_of_the_phase_named_in_config(repo):
+    """smoke_gpu and smoke_gpu_ray plan one train stage (equal keys); --config resources_of picks whose launcher the
+    job uses, and without it the planner says which phase's resources apply."""
+    plain = snakemake(repo, "-n", "-p", "smoke_gpu_ray")
+    assert "--phase smoke_gpu " in plain.stdout and "using smoke_gpu's" in plain.stderr
+    chosen = snakemake(repo, "-n", "-p", "smoke_gpu_ray", "--config", "resources_of=smoke_gpu_ray")
+    assert "dflash launch train" in chosen.stdout and "--phase smoke_gpu_ray" in chosen.stdout
+
+
+def test_launch_phase_option_picks_that_phases_request(monkeypatch):
+    class Inst:
+        resources = {"gpus": 2, "launcher": "torchrun"}
+
+        def resources_for(self, phase):
+            return {"gpus": 2, "launcher": "ray"} if phase == "p_ray" else self.resources
+
+    class Reg:
+        def get(self, stage, key):
+            return Inst()
+
+    seen = []
+    monkeypatch.setattr(commands, "dflash_exe", lambda: "dflash")
+    monkeypatch.setattr(commands.os, "execvp", lambda exe, argv: seen.append(argv))
+    commands.run(Reg(), "train", "abc", "p_ray")
+    commands.run(Reg(), "train", "abc")
+    assert seen[0][:2] == ["bash", "-c"] and "ray start --head" in seen[0][2]
+    assert seen[1][0] == "torchrun"

@@ -104,7 +104,7 @@ def cmd_provenance(args) -> int:
 def cmd_launch(args) -> int:
     from dflash.launch import commands
 
-    commands.run(_job_registry(), args.stage, args.key)    # replaces this process
+    commands.run(_job_registry(), args.stage, args.key, args.phase)    # replaces this process
     return 0
 
 
@@ -177,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
                        "(torchrun, srun + torchrun, or a Ray cluster; called by the train rule)")
     s.add_argument("stage")
     s.add_argument("key")
+    s.add_argument("--phase", default=None, help="the phase whose resources apply to a stage several phases share "
+                   "(default: the first that plans it)")
     s.set_defaults(fn=cmd_launch)
     s = sub.add_parser("install-profiles", help="link workflow/profiles/* into Snakemake's profile directory, so "
                        "that `snakemake --profile slurm` finds this checkout's profile")

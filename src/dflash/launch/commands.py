@@ -210,9 +210,9 @@ def launch_command(stage: str, key: str, res: dict | None, env: dict | None = No
     return ["bash", "-c", script, f"dflash-launch-{stage}-{key}"]
 
 
-def run(reg, stage: str, key: str) -> None:
+def run(reg, stage: str, key: str, phase: str | None = None) -> None:
     """Replace this process with the launch command of a stage instance (what the train rule runs)."""
-    argv = launch_command(stage, key, reg.get(stage, key).resources)
+    argv = launch_command(stage, key, reg.get(stage, key).resources_for(phase))
     shown = argv[2] if argv[:2] == ["bash", "-c"] else shlex.join(argv) + "\n"
     print(f"dflash launch {stage} {key}:\n{shown}", file=sys.stderr, end="", flush=True)
     os.execvp(argv[0], argv)

@@ -69,6 +69,11 @@ class StageInstance:
     dir: Path
     logging: dict = field(default_factory=dict)                 # observability settings (not part of the key)
     users: list[tuple[str, str]] = field(default_factory=list)   # (phase, run) pairs that use it
+    phase_resources: dict[str, dict] = field(default_factory=dict)   # phase -> its request, where phases differ
+
+    def resources_for(self, phase: str | None) -> dict:
+        """The scheduler request of `phase` for this shared instance (default: the first phase that plans it)."""
+        return self.phase_resources.get(phase, self.resources)
 
     def inputs(self) -> list[tuple[str, str]]:
         """(stage, key) of every stage directory this instance reads."""
@@ -142,9 +147,10 @@ def build(phases: dict[str, Phase], results: Results | None = None) -> Registry:
             plan, insts = plan_run(phase, rname, run, results)
             plans[pname][rname] = plan
             for inst in insts:
-                inst = instances.setdefault((inst.stage, inst.key), inst)
-                if (pname, rname) not in inst.users:
-                    inst.users.append((pname, rname))
+                shared = instances.setdefault((inst.stage, inst.key), inst)
+                if (pname, rname) not in shared.users:
+                    shared.users.append((pname, rname))
+                shared.phase_resources.setdefault(pname, inst.resources)
     reports = {p: plan_report(phases[p], plans[p], results) for p in phases}
     return Registry(phases, instances, plans, reports, results)
 
