@@ -171,7 +171,7 @@ def test_server_commands_are_pinned():
                       extra_args=["--max-running-requests", "8"])
     assert sglang_engine.server_command(spec) == [
         "python", "-m", "sglang.launch_server", "--model-path", "/m/target", "--host", "127.0.0.1", "--port", "{port}",
-        "--tp-size", "1", "--dtype", "auto", "--random-seed", "0",
+        "--tp-size", "1", "--dtype", "bfloat16", "--random-seed", "0",
         "--speculative-algorithm", "DFLASH", "--speculative-draft-model-path", "/m/draft",
         "--speculative-num-draft-tokens", "16", "--max-running-requests", "8"]
     assert sglang_engine.with_port(sglang_engine.server_command(spec), 4242)[8] == "4242"
@@ -363,3 +363,48 @@ def test_sigterm_becomes_exit_in_main_thread():
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(1)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_served_dtype_is_never_fp16_for_fp32_and_never_fp32():
+    """`--dtype auto` served a float32 checkpoint in fp16; SGLang has no float32 path at all."""
+    assert sglang_engine.served_dtype(None) == sglang_engine.served_dtype("auto") == "bfloat16"
+    assert sglang_engine.served_dtype("bfloat16") == "bfloat16"
+    with pytest.raises(ValueError, match="no float32 path"):
+        sglang_engine.served_dtype("float32")
+    assert ServerSpec(model_path="/m").dtype == "bfloat16"
+
+
+def test_sampled_requests_get_the_seeded_sampling_backend():
+    spec = ServerSpec(model_path="/m", sampling_backend=sglang_engine.sampling_backend(0.7), python="python")
+    cmd = sglang_engine.server_command(spec)
+    assert cmd[cmd.index("--sampling-backend") + 1] == "pytorch"
+    assert sglang_engine.sampling_backend(0.0) is None
+
+
+def test_a_target_without_architectures_is_served_through_a_completed_view(tmp_path):
+    """A GGUF-built target directory has no `architectures`; SGLang's loader fails on it. The stage output stays
+    as it is; SGLang gets a view of it with the causal-LM class filled in."""
+    model = build_tiny_target(tmp_path / "target") / "model"
+    config = json.loads((model / "config.json").read_text())
+    del config["architectures"]
+    (model / "config.json").write_text(json.dumps(config))
+    view = sglang_engine.served_target(model, tmp_path / "scratch")
+    assert json.loads((view / "config.json").read_text())["architectures"] == ["Qwen3ForCausalLM"]
+    assert (view / "model.safetensors").resolve() == (model / "model.safetensors").resolve()
+    assert "architectures" not in json.loads((model / "config.json").read_text())
+    complete = build_tiny_target(tmp_path / "target2") / "model"
+    assert sglang_engine.served_target(complete, tmp_path / "scratch2") == complete
+
+
+def test_drafters_sglang_would_serve_wrongly_are_refused(tmp_path):
+    def draft(**cfg):
+        d = tmp_path / f"d{len(list(tmp_path.iterdir()))}"
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(cfg))
+        return d
+
+    sglang_engine.check_draft(draft(rope_theta=1e6, dflash_config={"target_layer_ids": [1, 9, 17, 25, 33]}), 36)
+    with pytest.raises(ValueError, match="RoPE theta is 100000"):             # SmolLM2's drafter
+        sglang_engine.check_draft(draft(rope_parameters={"rope_theta": 1e5}), 30)
+    with pytest.raises(ValueError, match="target layer 35, the last of the target's 36"):
+        sglang_engine.check_draft(draft(dflash_config={"target_layer_ids": [1, 35]}), 36)

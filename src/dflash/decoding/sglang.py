@@ -115,7 +115,8 @@ class ServerSpec:
     draft_model_path: str | None = None     # set: DFLASH server; None: target-only baseline
     block_size: int | None = None
     tp_size: int = 1
-    dtype: str = "auto"
+    dtype: str = "bfloat16"                 # SGLang has no float32 path; "auto" serves a float32 checkpoint in fp16
+    sampling_backend: str | None = None     # "pytorch" for seeded sampling at temperature > 0
     seed: int = 0
     mem_fraction_static: float | None = None
     attention_backend: str | None = None
@@ -132,11 +133,67 @@ def server_command(spec: ServerSpec) -> list[str]:
         cmd += ["--mem-fraction-static", str(spec.mem_fraction_static)]
     if spec.attention_backend:
         cmd += ["--attention-backend", spec.attention_backend]
+    if spec.sampling_backend:
+        cmd += ["--sampling-backend", spec.sampling_backend]
     if spec.draft_model_path is not None:
         cmd += ["--speculative-algorithm", "DFLASH", "--speculative-draft-model-path", str(spec.draft_model_path)]
         if spec.block_size:
             cmd += ["--speculative-num-draft-tokens", str(spec.block_size)]
     return cmd + [str(a) for a in spec.extra_args]
+
+
+def served_dtype(dtype: str | None) -> str:
+    """The dtype a server gets: SGLang has no float32 path and `auto` serves a float32 checkpoint in fp16."""
+    if dtype in (None, "auto"):
+        return "bfloat16"
+    if dtype == "float32":
+        raise ValueError("engine sglang: SGLang has no float32 path (its rmsnorm kernel fails on float); use "
+                         "dtype bfloat16 (bench.dtype / regenerate.sglang.dtype)")
+    return dtype
+
+
+def sampling_backend(temperature: float) -> str | None:
+    """Seeded sampling needs SGLang's pytorch sampling backend; greedy decoding needs nothing."""
+    return "pytorch" if temperature > 0 else None
+
+
+def served_target(model_dir: Path, scratch: Path) -> Path:
+    """The target directory as SGLang needs it: a config.json with `architectures` (a GGUF-built target has none,
+    and SGLang's loader fails on it). Without it, a view of the directory (links to its files, a completed
+    config.json) is made under `scratch`; the stage output itself is never changed."""
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    if config.get("architectures"):
+        return model_dir
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    arch = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.get("model_type"))
+    if arch is None:
+        raise ValueError(f"{model_dir}/config.json: no `architectures` and no causal-LM class for model_type "
+                         f"{config.get('model_type')!r}")
+    view = Path(scratch) / "served-target"
+    view.mkdir(parents=True, exist_ok=True)
+    for f in model_dir.iterdir():
+        if f.name != "config.json" and not (view / f.name).exists():
+            (view / f.name).symlink_to(f.resolve())
+    (view / "config.json").write_text(json.dumps({**config, "architectures": [arch]}, indent=1))
+    return view
+
+
+def check_draft(draft_dir: Path, target_layers: int) -> None:
+    """Refuse what SGLang's DFLASH would serve wrongly or not at all (sglang 0.5.11-0.5.12 read from their wheels):
+    it never captures the target's last layer as a feature, and it reads the drafter's RoPE theta from a config
+    attribute that transformers 5 keeps in `rope_parameters`, so any theta but 1e6 is replaced by 1e6 silently."""
+    cfg = json.loads((Path(draft_dir) / "config.json").read_text())
+    ids = (cfg.get("dflash_config") or {}).get("target_layer_ids") or cfg.get("target_layer_ids") or []
+    if ids and max(ids) >= target_layers - 1:
+        raise ValueError(f"engine sglang: the drafter reads target layer {max(ids)}, the last of the target's "
+                         f"{target_layers}; SGLang never captures the last layer (drafter.target_layer_ids)")
+    theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta") or 1e6
+    if float(theta) != 1e6:
+        raise ValueError(f"engine sglang: the drafter's RoPE theta is {theta:g}, and SGLang's DFLASH draft model "
+                         "reads theta from a config attribute transformers 5 no longer sets, serving 1e6 instead; "
+                         "its tau would be silently wrong. Bench it with the hf engine")
 
 
 def with_port(cmd: list[str], port: int) -> list[str]:

@@ -8,8 +8,11 @@ Engines: `hf` (the eager HF loop, `dflash.decoding.hf`) and `sglang` (a DFLASH s
 
 from __future__ import annotations
 
+import atexit
 import json
 import platform
+import shutil
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -150,11 +153,18 @@ def _sglang_records(bc: dict, ds: dict, prompts, upstream: dict[str, Path], out:
     sg.require_sglang()
     opt = sg.options(bc, 1)
     tokenizer = load_tokenizer(upstream["target"])
-    path, _ = model_path(upstream["target"])
+    path, local = model_path(upstream["target"])
+    if local:
+        scratch = Path(tempfile.mkdtemp(prefix="dflash-sglang-"))       # not in the output: never hashed
+        atexit.register(shutil.rmtree, scratch, True)
+        path = sg.served_target(Path(path), scratch)
+        sg.check_draft(upstream["convert"], json.loads((Path(path) / "config.json").read_text())["num_hidden_layers"])
     draft = Path(upstream["convert"]).resolve()
     bs = bc["block_size"] or int(json.loads((draft / "config.json").read_text())["block_size"])
-    base_spec = sg.ServerSpec(model_path=str(path), tp_size=int(opt["tp_size"]), dtype=opt["dtype"] or bc["dtype"],
-                              seed=int(bc["seed"]), mem_fraction_static=opt["mem_fraction_static"],
+    base_spec = sg.ServerSpec(model_path=str(path), tp_size=int(opt["tp_size"]),
+                              dtype=sg.served_dtype(opt["dtype"] or bc["dtype"]), seed=int(bc["seed"]),
+                              sampling_backend=sg.sampling_backend(bc["temperature"]),
+                              mem_fraction_static=opt["mem_fraction_static"],
                               attention_backend=opt["attention_backend"], extra_args=list(opt["extra_args"]))
     dflash_spec = replace(base_spec, draft_model_path=str(draft), block_size=bs)
     sampling = sg.sampling_params(bc["temperature"], bc["max_new_tokens"])
