@@ -172,7 +172,7 @@ def test_malformed_training_data_names_file_and_line(repo):
         "sources: [{kind: synthetic, n: 900}]", "sources: [{kind: jsonl, path: data/train.jsonl}]"))
     key = _keys(repo, "mine")["prepare"]
     line = _one_line_error(dflash(repo, "stage", "prepare", key))
-    assert "data/train.jsonl:2: not valid JSON" in line
+    assert "data/train.jsonl, row 2 (line 2): invalid JSON" in line
 
 
 def test_corrupt_checkpoint_meta_is_skipped_like_a_corrupt_checkpoint(tmp_path):

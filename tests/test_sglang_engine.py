@@ -16,6 +16,7 @@ from dflash.decoding import metrics
 from dflash.decoding import sglang as sglang_engine
 from dflash.decoding.sglang import ServerError, ServerSpec, SGLangServer
 from dflash.ports import PORT_SPAN, free_ports
+from dflash.processes import pid_alive
 from dflash.stages import bench
 from dflash.stages.runner import Context
 
@@ -218,7 +219,7 @@ def test_health_wait_then_stop(fake, tmp_path):
         assert srv.startup_s >= 0.4
         assert sglang_engine.http_get(srv.url + "/health_generate") == 200
         pid = srv.proc.pid
-    assert not sglang_engine.pid_alive(pid)
+    assert not pid_alive(pid)
     assert srv.proc.returncode is not None
     assert "fake sglang starting" in (tmp_path / "server.log").read_text()
 
@@ -235,7 +236,7 @@ def test_server_never_healthy_times_out_and_is_stopped(fake, tmp_path):
     srv = _server(fake, tmp_path, "--never-healthy", startup_timeout_s=1.0, stop_grace_s=2)
     with pytest.raises(ServerError, match="not healthy after"), srv:
         pass
-    assert not sglang_engine.pid_alive(srv.proc.pid)
+    assert not pid_alive(srv.proc.pid)
 
 
 def test_whole_process_group_is_killed(fake, tmp_path):
@@ -244,12 +245,12 @@ def test_whole_process_group_is_killed(fake, tmp_path):
     with srv:
         leader = srv.proc.pid
         child = int(child_file.read_text())
-        assert sglang_engine.pid_alive(child) and os.getpgid(child) == leader
-    assert not sglang_engine.pid_alive(leader)
+        assert pid_alive(child) and os.getpgid(child) == leader
+    assert not pid_alive(leader)
     deadline = time.monotonic() + 5
-    while sglang_engine.pid_alive(child) and time.monotonic() < deadline:
+    while pid_alive(child) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not sglang_engine.pid_alive(child)
+    assert not pid_alive(child)
     assert sglang_engine.group_members(leader) == []
 
 
@@ -257,7 +258,7 @@ def test_stop_runs_when_the_body_raises(fake, tmp_path):
     srv = _server(fake, tmp_path)
     with pytest.raises(KeyError), srv:
         raise KeyError("x")
-    assert not sglang_engine.pid_alive(srv.proc.pid)
+    assert not pid_alive(srv.proc.pid)
 
 
 def test_generate_against_fake_server(fake, tmp_path):

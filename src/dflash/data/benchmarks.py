@@ -14,7 +14,6 @@ whose records use the upstream field names.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from typing import Any
 
 from dflash.checksums import sha256_files
 from dflash.data import synthetic
+from dflash.data.jsonl import iter_jsonl
 from dflash.errors import DataError
 
 FAMILIES = synthetic.FAMILIES            # math, code, chat: the report's groups, and the synthetic sets' kinds
@@ -312,20 +312,8 @@ def select_indices(n_total: int, n: int, seed: int = 0) -> list[int]:
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Mapping[str, Any]]]:
-    row_no = 0
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            row_no += 1
-            where = f"{path}, row {row_no} (line {line_no})"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: invalid JSON: {exc}") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            yield where, record
+    for where, _, record in iter_jsonl(path):
+        yield where, record
 
 
 def _iter_parquet(path: Path) -> Iterator[tuple[str, Mapping[str, Any]]]:

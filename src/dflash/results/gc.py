@@ -8,25 +8,15 @@ which also covers jobs running on other nodes). Those are reported as skipped, w
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 from dflash.plan.keys import Registry
+from dflash.processes import pid_alive
 from dflash.results.provenance import tmp_owner
 from dflash.stages import NAMES as STAGES
 
 LOCKS = Path(".snakemake/locks")
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def locked_outputs(locks: Path = LOCKS) -> set[tuple[str, str]]:

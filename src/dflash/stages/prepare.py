@@ -19,6 +19,7 @@ from pathlib import Path
 from dflash.checksums import sha256_file
 from dflash.data import synthetic
 from dflash.data.benchmarks import MATH_SUFFIX, load_prompts
+from dflash.data.jsonl import iter_jsonl
 from dflash.errors import DataError
 
 OUTPUT = "conversations.jsonl"
@@ -77,24 +78,14 @@ def _read_source(src: dict) -> tuple[list[dict], dict, int]:
         if not path.is_file():
             raise FileNotFoundError(f"data.sources: file {path} not found")
         rows = []
-        with open(path) as f:
-            for i, line in enumerate(f):
-                if not line.strip():
-                    continue
-                where = f"{path}:{i + 1}"
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
-                if not isinstance(rec, dict):
-                    raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-                if id_field and id_field not in rec:
-                    raise DataError(f"{where}: missing id field {id_field!r} (data.sources id_field)")
-                rid = rec[id_field] if id_field else rec.get("id", i)
-                if _excluded_id(src, rid):
-                    skipped += 1
-                    continue
-                rows.append({"id": f"{path.parent.name}/{path.stem}/{rid}", "messages": _from_record(fmt, rec, where)})
+        for where, i, rec in iter_jsonl(path):
+            if id_field and id_field not in rec:
+                raise DataError(f"{where}: missing id field {id_field!r} (data.sources id_field)")
+            rid = rec[id_field] if id_field else rec.get("id", i)
+            if _excluded_id(src, rid):
+                skipped += 1
+                continue
+            rows.append({"id": f"{path.parent.name}/{path.stem}/{rid}", "messages": _from_record(fmt, rec, where)})
         inputs = {str(path): sha256_file(path)}
     else:
         from datasets import load_dataset
