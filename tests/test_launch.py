@@ -10,6 +10,7 @@ import shlex
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -117,8 +118,8 @@ def test_ray_one_node_script(monkeypatch):
     monkeypatch.setattr(commands, "dflash_exe", lambda: "dflash")
     argv = commands.launch_command("train", "abc", {"gpus": 4, "cpus_per_gpu": 2, "launcher": "ray"},
                                  env={"SLURM_JOB_ID": "77"}, rng=random.Random(0))
-    assert argv[:2] == ["bash", "-c"]
-    script = argv[2]
+    assert argv[-4:-2] == ["bash", "-c"] and argv[:-4] == (list(commands.ISOLATE) if commands.loopback_only() else [])
+    script = argv[-2]
     head = next(line for line in script.splitlines() if line.startswith("ray start --head"))
     opts = dict(o.split("=", 1) for o in shlex.split(head)[3:] if "=" in o)
     assert opts["--node-ip-address"] == "127.0.0.1" and opts["--num-gpus"] == "4" and opts["--num-cpus"] == "8"
@@ -134,7 +135,7 @@ def test_ray_one_node_script(monkeypatch):
     assert "trap cleanup EXIT" in script
     # another job on the same node: its own ports and temp dir
     other = commands.launch_command("train", "abc", {"gpus": 4, "launcher": "ray"}, env={"SLURM_JOB_ID": "78"},
-                                  rng=random.Random(1))[2]
+                                  rng=random.Random(1))[-2]
     assert "dflash-ray-78" in other and f"--port={opts['--port']} " not in other
 
 
@@ -446,7 +447,7 @@ def test_inference_gpus_get_no_training_rank(monkeypatch):
     assert commands.training_ranks(res) == 6
     assert slurm.slurm_resources(res, CLUSTER)["gpu"] == 8
     assert "--nproc-per-node=6" in commands.launch_command("train", "k", res, env={})
-    script = commands.launch_command("train", "k", {**res, "launcher": "ray"}, env={}, rng=random.Random(0))[2]
+    script = commands.launch_command("train", "k", {**res, "launcher": "ray"}, env={}, rng=random.Random(0))[-2]
     assert "--num-gpus=8" in script and "DFLASH_RAY_WORKERS=6 " in script
     monkeypatch.setattr(commands, "allocation_nodes", lambda env: ["a", "b"])
     argv = commands.launch_command("train", "k", {**res, "nodes": 2}, env={"SLURM_JOB_ID": "1"})
@@ -480,5 +481,51 @@ def test_launch_phase_option_picks_that_phases_request(monkeypatch):
     monkeypatch.setattr(commands.os, "execvp", lambda exe, argv: seen.append(argv))
     commands.run(Reg(), "train", "abc", "p_ray")
     commands.run(Reg(), "train", "abc")
-    assert seen[0][:2] == ["bash", "-c"] and "ray start --head" in seen[0][2]
+    assert seen[0][-4:-2] == ["bash", "-c"] and "ray start --head" in seen[0][-2]
     assert seen[1][0] == "torchrun"
+
+
+def test_one_node_ray_cluster_listens_on_no_interface_of_the_host(tmp_path, monkeypatch):
+    """Ray binds its servers to every interface whatever --node-ip-address says; a one-node job therefore runs its
+    cluster in a network namespace with only loopback. While the stage runs inside (its Ray task done), none of the
+    job's ports listens in this, the host's, namespace."""
+    if not (BIN / "ray").exists() or not commands.loopback_only():
+        pytest.skip("needs Ray and an unprivileged network namespace (unshare --net --map-root-user)")
+    ready = tmp_path / "ready"
+    stage = _exe(tmp_path / "stage", f"""#!{sys.executable}
+import os, pathlib, ray, time
+ray.init(address=os.environ["DFLASH_RAY_ADDRESS"])
+print("task", ray.get(ray.remote(lambda: 7).remote()))
+pathlib.Path({str(ready)!r}).write_text("up")
+time.sleep(4)
+""")
+    monkeypatch.setattr(commands, "dflash_exe", lambda: str(stage))
+    monkeypatch.setattr(commands, "ray_temp_dir", lambda job: str(Path(commands.tempfile.gettempdir()) / f"r{job}"))
+    argv = commands.launch_command("train", "k", {"gpus": 2, "cpus_per_gpu": 1, "launcher": "ray"},
+                                   env={"SLURM_JOB_ID": f"ns{os.getpid()}"}, rng=random.Random(3))
+    base = int(next(a for a in shlex.split(argv[-2]) if a.startswith("--port=")).split("=")[1])
+    proc = subprocess.Popen(argv, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+    def host_listening() -> set[int]:
+        ports = set()
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            for line in Path(table).read_text().splitlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                if state == "0A":
+                    ports.add(int(local.split(":")[1], 16))
+        return ports
+
+    try:
+        deadline = time.time() + 240
+        while not ready.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert ready.exists(), proc.communicate()[1][-3000:] if proc.poll() is not None else "timeout"
+        ours = {p for p in host_listening() if base <= p < base + len(commands.RAY_PORT_NAMES) + 64}
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 15)
+            proc.wait()
+    assert proc.returncode == 0 and "task 7" in out, err[-3000:]
+    assert not ours, f"the job's Ray ports {sorted(ours)} listen on the host"

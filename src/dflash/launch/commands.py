@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from functools import lru_cache
 from pathlib import Path
 
 from dflash.launch.slurm import stage_resources
@@ -95,6 +96,20 @@ def torchrun_command(stage: str, key: str, ranks: int, nodes: int = 1, head: str
         srun.append(f"--gpus-per-node={gpus}")
     return [*srun, "torchrun", f"--nnodes={nodes}", f"--nproc-per-node={ranks}", "--rdzv-backend=c10d",
             f"--rdzv-endpoint={head}:{port}", f"--rdzv-id={rdzv_id}", "--no-python", *stage_command(stage, key)]
+
+
+# A one-node Ray cluster in a network namespace of its own, with only the loopback interface: Ray (2.60) binds its
+# gRPC servers to every interface whatever --node-ip-address says, so this is what keeps its ports off the network.
+ISOLATE = ("unshare", "--net", "--map-root-user")
+
+
+@lru_cache(maxsize=1)
+def loopback_only() -> bool:
+    """Whether this node lets an unprivileged job have a private network namespace (and can bring up its `lo`)."""
+    if not (shutil.which("unshare") and shutil.which("ip")):
+        return False
+    probe = subprocess.run([*ISOLATE, "ip", "link", "set", "lo", "up"], capture_output=True)
+    return probe.returncode == 0
 
 
 def ray_client_installed() -> bool:
@@ -200,6 +215,10 @@ def launch_command(stage: str, key: str, res: dict | None, env: dict | None = No
     if nodes <= 1:
         script = ray_script(stage, key, gpus, cpus, 1, "127.0.0.1", None, base, temp_dir, ray_client_installed(),
                             training_ranks(r))
+        if loopback_only():
+            return [*ISOLATE, "bash", "-c", "ip link set lo up || exit 1\n" + script, f"dflash-launch-{stage}-{key}"]
+        print("dflash launch: no private network namespace here (unshare --net --map-root-user failed): the Ray "
+              "head's servers listen on every interface of this node (token authentication on)", file=sys.stderr)
     else:
         hosts = allocation_nodes(env)
         here = socket.gethostname().split(".")[0]
