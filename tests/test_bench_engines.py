@@ -158,6 +158,14 @@ def test_fast_and_hf_bench_commit_the_same_tokens_request_by_request(smoke_repo,
     assert mt_records[1]["prompt_tokens"] > mt_records[0]["prompt_tokens"] + 4             # the history is kept
     assert any(max(r["accept_lengths"], default=1) > 1 for recs in got.values() for r in recs)   # trained drafter
     assert any(r["n_tokens"] < 48 for recs in got.values() for r in recs)              # stopped at EOS
+    sampled = {}
+    for engine in ("hf", "fast"):                   # T=1, seeded: the same draws, so the same tokens
+        cfg = {"bench": {**_bench_config(smoke_repo, engine, 24), "temperature": 1.0},
+               "dataset": {"name": "synthetic_code", "n": 2, "seed": 0}}
+        records, summary, _ = _run_bench(tmp_path / "t1" / engine, cfg, {"target": target, "convert": convert})
+        assert all("lossless" not in r and "mismatch" not in r for r in records) and "diverged" not in summary
+        sampled[engine] = [(r["tokens"], r["baseline"]["tokens"]) for r in records]
+    assert sampled["hf"] == sampled["fast"]
 
 
 def test_a_lossless_failure_is_located_with_the_target_top2_gap():

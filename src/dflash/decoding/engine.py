@@ -49,9 +49,11 @@ class Engine:
             self.captures += 1
             self._captured = True
 
-    def warm_up(self, prompt_ids: list[int], n: int = 8) -> float:
-        """A short DFlash and target-only generation, not recorded (kernels, allocator, graphs); its wall time."""
+    def warm_up(self, prompt_ids: list[int], needed: int, n: int = 8) -> float:
+        """Room for `needed` positions, then a short DFlash and target-only generation, not recorded (kernels,
+        allocator, graphs); the seconds it all took."""
         t = time.perf_counter()
+        self.prepare(needed)
         self.dflash(prompt_ids, n, set())
         self.target_generate(prompt_ids, n, set())
         return time.perf_counter() - t

@@ -84,3 +84,25 @@ def summarize(records: list[dict], block_size: int) -> dict:
         if any("lossless" in r for r in records):
             out["diverged"] = sum(1 for r in records if r.get("lossless") is False)
     return out
+
+
+def compare(a: list[dict], b: list[dict]) -> dict:
+    """Two benches request by request (records matched on prompt id and turn; a later turn's prompt holds the
+    earlier DFlash answers, so it is the same prompt only where those were equal): each request's tau on both sides
+    and the first position where the DFlash outputs differ (None: equal; records without token ids: not compared)."""
+    other = {(r["prompt_id"], r["turn"]): r for r in b}
+    rows = []
+    for r in a:
+        o = other.get((r["prompt_id"], r["turn"]))
+        if o is None:
+            continue
+        both = "tokens" in r and "tokens" in o
+        rows.append({"prompt_id": r["prompt_id"], "turn": r["turn"],
+                     "tau_a": statistics.fmean(r["accept_lengths"]) if r["accept_lengths"] else None,
+                     "tau_b": statistics.fmean(o["accept_lengths"]) if o["accept_lengths"] else None,
+                     "compared": both,
+                     "first_difference": first_difference(r["tokens"], o["tokens"]) if both else None})
+    keys_a = {(r["prompt_id"], r["turn"]) for r in a}
+    return {"matched": len(rows), "only_a": len(keys_a) - len(rows), "only_b": len(other.keys() - keys_a),
+            "equal_outputs": sum(1 for x in rows if x["compared"] and x["first_difference"] is None),
+            "compared": sum(1 for x in rows if x["compared"]), "rows": rows}

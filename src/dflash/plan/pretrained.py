@@ -46,6 +46,8 @@ def problem(ref: str) -> str | None:
     except ValueError as e:
         return str(e)
     if p.path is None:
+        if Path(ref).is_dir():
+            return f"{ref!r} is read as a hub id, but a local directory of that name exists: write ./{ref} for it"
         return None
     missing = [f for f in FILES if not (p.path / f).is_file()]
     if missing:

@@ -123,10 +123,7 @@ def _local_records(bc: dict, ds: dict, prompts, target_dir: Path, drafter_dir: P
         return chat.prompt_ids(tokenizer, chat.messages(history, bc["system_prompt"]), bc["enable_thinking"])
 
     first = [prompt_ids([("user", p.turns[0])]) for p in prompts]
-    t = time.perf_counter()
-    engine.prepare(max(map(len, first)) + n_new)
-    engine.warm_up(first[0])                         # not recorded
-    warmup_s = time.perf_counter() - t
+    warmup_s = engine.warm_up(first[0], max(map(len, first)) + n_new)
     records = []
     for p in prompts:
         history = []
