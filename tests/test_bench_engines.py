@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import ROOT
+from dflash import cli
 from dflash.decoding import metrics
 from dflash.decoding.engine import Engine
 from dflash.decoding.hf import target_generate
@@ -98,6 +99,14 @@ def test_first_difference_and_both_clocks_in_the_summary():
     assert s["speedup_decode_only"] == pytest.approx((2.7 / 9) / (1.0 / 9)) and s["diverged"] == 1
     old = [{k: v for k, v in recs[0].items() if k not in ("draft_prefill_s", "decode_s_zlab")}]
     assert "speedup_decode_zlab" not in metrics.summarize(old, 4)     # records without z-lab's clock
+    a = [{"prompt_id": "1", "turn": 0, "accept_lengths": [2, 1], "tokens": [1, 2, 3]},
+         {"prompt_id": "2", "turn": 0, "accept_lengths": [1], "tokens": [4]}]
+    b = [{"prompt_id": "1", "turn": 0, "accept_lengths": [1, 1, 1], "tokens": [1, 2, 5]},
+         {"prompt_id": "3", "turn": 0, "accept_lengths": [], "tokens": []}]
+    c = metrics.compare(a, b)
+    assert (c["matched"], c["only_a"], c["only_b"], c["equal_outputs"], c["compared"]) == (1, 1, 1, 0, 1)
+    assert c["rows"] == [{"prompt_id": "1", "turn": 0, "tau_a": 1.5, "tau_b": 1.0, "compared": True,
+                          "first_difference": 2}]
 
 
 # ---------------------------------------------------------------------------------------------- bench stage
@@ -130,7 +139,7 @@ def _run_bench(tmp: Path, config: dict, upstream: dict, run: dict | None = None)
     return records, json.loads((out / "summary.json").read_text()), result
 
 
-def test_fast_and_hf_bench_commit_the_same_tokens_request_by_request(smoke_repo, tmp_path):
+def test_fast_and_hf_bench_commit_the_same_tokens_request_by_request(smoke_repo, tmp_path, capsys):
     """Synthetic prompts and two MT-Bench conversations (turn 2 sees the DFlash answer to turn 1), fp32, T=0."""
     target, convert = _smoke_dirs(smoke_repo)
     mt = _mt_bench_file(tmp_path)
@@ -158,6 +167,9 @@ def test_fast_and_hf_bench_commit_the_same_tokens_request_by_request(smoke_repo,
     assert mt_records[1]["prompt_tokens"] > mt_records[0]["prompt_tokens"] + 4             # the history is kept
     assert any(max(r["accept_lengths"], default=1) > 1 for recs in got.values() for r in recs)   # trained drafter
     assert any(r["n_tokens"] < 48 for recs in got.values() for r in recs)              # stopped at EOS
+    a, b = (tmp_path / e / "mt_bench" / "out" for e in ("hf", "fast"))
+    assert cli.main(["compare", str(a), str(b)]) == 0
+    assert "equal outputs 4/4" in capsys.readouterr().out
     sampled = {}
     for engine in ("hf", "fast"):                   # T=1, seeded: the same draws, so the same tokens
         cfg = {"bench": {**_bench_config(smoke_repo, engine, 24), "temperature": 1.0},
