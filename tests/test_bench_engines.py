@@ -22,7 +22,7 @@ from dflash.decoding import metrics
 from dflash.decoding.engine import Engine
 from dflash.decoding.hf import target_generate
 from dflash.errors import ConfigError, DataError
-from dflash.modeling.drafter import DFlashDrafter, DrafterConfig
+from dflash.modeling.drafter import DFlashDrafter, DrafterConfig, pretrained_dir
 from dflash.plan import pretrained
 from dflash.plan.config import load_phase
 from dflash.plan.keys import build
@@ -284,6 +284,15 @@ def test_pretrained_values_and_keys_offline(tmp_path):
         load_phase("q", phases)
 
 
+def test_a_hub_drafter_missing_offline_is_a_clear_error(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DataError, match=r"drafter.pretrained z-lab/none@main: cannot fetch it"):
+        pretrained_dir("z-lab/none@main")
+
+
 def _phase(repo: Path, runs: dict) -> None:
     """A phase `mix` beside smoke with the same defaults and datasets (so its trained run is smoke's) plus runs."""
     phases = repo / "configs" / "phases"
@@ -347,3 +356,6 @@ def test_committed_phases_name_the_released_drafter_and_plan_offline():
         assert ph.runs["main"]["bench"]["engine"] == "fast"
     for name in ("phase_a", "phase_g"):
         assert list(load_phase(name, ROOT / "configs" / "phases").runs) == ["main"]
+    plans = build({name: load_phase(name, ROOT / "configs" / "phases") for name in ("qwen3_8b", "paper")}).plans
+    assert set(plans["paper"]["zlab"].keys) == {"target"}                    # no hub call: id and revision only
+    assert plans["paper"]["zlab"].bench == plans["qwen3_8b"]["zlab"].bench   # one bench per dataset, shared

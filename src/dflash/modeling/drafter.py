@@ -345,8 +345,14 @@ def pretrained_dir(ref: str) -> tuple[Path, dict[str, str], dict]:
         directory, label, info = p.path, ref.rstrip("/"), {"pretrained": ref}
     else:
         from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
-        directory = Path(snapshot_download(p.hub_id, revision=p.revision, allow_patterns=list(pretrained.FILES)))
+        try:
+            directory = Path(snapshot_download(p.hub_id, revision=p.revision,
+                                               allow_patterns=list(pretrained.FILES)))
+        except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
+            raise DataError(f"drafter.pretrained {ref}: cannot fetch it from the hub or find it in the local Hugging "
+                            f"Face cache: {str(e).splitlines()[0]}") from None
         label = f"hub:{p.hub_id}@{directory.name}"
         info = {"pretrained": ref, "hub_id": p.hub_id, "revision": p.revision, "commit": directory.name}
     missing = [f for f in pretrained.FILES if not (directory / f).is_file()]
