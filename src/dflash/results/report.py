@@ -30,8 +30,9 @@ TAU_COLS = ["run", "dataset", "family", "tau", "tau_token_weighted", "tau_no_bon
             "hardware", "temperature", "source"]
 # speedup_decode_zlab and its TPOTs: z-lab's clock (restarted after the drafter's first pass, n tokens);
 # speedup_decode_only: the project's earlier clock (from the end of prefill, n - 1 tokens); see decoding/metrics.py
-SPEED_COLS = ["run", "dataset", "speedup_decode_zlab", "tpot_dflash_zlab_ms", "tpot_baseline_zlab_ms",
-              "speedup_decode_only", "speedup_e2e", "lossless", "diverged", "n_requests", "backend", "hardware",
+SPEED_VALUES = ["speedup_decode_zlab", "tpot_dflash_zlab_ms", "tpot_baseline_zlab_ms", "speedup_decode_only",
+                "speedup_e2e"]
+SPEED_COLS = ["run", "dataset", *SPEED_VALUES, "lossless", "diverged", "n_requests", "backend", "hardware",
               "temperature", "source"]
 TRAIN_COLS = ["run", "steps", "schedule_steps", "global_batch", "planned_global_batch", "samples", "epochs",
               "final_loss", "final_acc", "samples_per_s", "wall_s", "gpus", "gpu_hours", "device", "source"]
@@ -172,7 +173,7 @@ def speedup_table(data: dict) -> list[dict]:
     for run, r in data.items():
         for ds, s in r["bench"].items():
             if r["kind"] == "run":
-                rows.append({"run": run, "dataset": ds, **{c: _r(s.get(c)) for c in SPEED_COLS[2:7]},
+                rows.append({"run": run, "dataset": ds, **{c: _r(s.get(c)) for c in SPEED_VALUES},
                              "lossless": s.get("lossless"), "diverged": s.get("diverged"),
                              "n_requests": s["n_requests"], "backend": s["backend"], "hardware": s["hardware"],
                              "temperature": s["temperature"], "source": f"bench/{r['bench_keys'][ds]}"})
