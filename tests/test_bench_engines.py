@@ -238,6 +238,8 @@ def test_zlab_config_format_and_clear_errors(tmp_path):
         DrafterConfig.from_hf({**cfg, "dflash_config": {}}, "d/config.json")
     with pytest.raises(DataError, match=r"d/config.json: layer_types: sliding"):
         DrafterConfig.from_hf({**cfg, "layer_types": ["sliding_attention"] * 2}, "d/config.json")
+    with pytest.raises(DataError, match=r"d/config.json: rope_scaling: RoPE type 'yarn' is not supported"):
+        DrafterConfig.from_hf({**cfg, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "d/config.json")
     with pytest.raises(DataError, match=r"d/config.json: num_target_layers: missing"):
         DrafterConfig.from_hf({k: v for k, v in cfg.items() if k != "num_target_layers"}, "d/config.json")
     with pytest.raises(DataError, match=r"hidden_size: 32, the target's is 48"):

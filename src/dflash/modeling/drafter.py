@@ -89,9 +89,10 @@ class DrafterConfig:
             fail("attention_bias", "attention biases are not supported")
         if "sliding_attention" in (cfg.get("layer_types") or []):
             fail("layer_types", "sliding-window layers are not supported")
-        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        rope_field = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
+        rope = cfg.get(rope_field) or {}
         if rope.get("rope_type", rope.get("type", "default")) != "default":
-            fail("rope_parameters", f"RoPE type {rope.get('rope_type', rope.get('type'))!r} is not supported")
+            fail(rope_field, f"RoPE type {rope.get('rope_type', rope.get('type'))!r} is not supported")
         dc = cfg.get("dflash_config") or {}
         ids = dc.get("target_layer_ids", cfg.get("target_layer_ids"))
         if ids is None:
