@@ -1,9 +1,12 @@
 #!/usr/bin/env python
 """Speed of the DFlash decode loop at Qwen3-8B shapes: eager HF engine vs the fast path (static caches + graphs).
 
-Random weights, batch 1, prompt 512, 256 new tokens, block 16, bf16 on CUDA. Measures per engine variant
-(a) target-only time per token and (b) time per DFlash step (draft forward + 16-token verify + bookkeeping),
-with a draft / verify breakdown, and checks that the fast path commits the same tokens as the eager engine:
+Random weights, batch 1, prompt 512, 256 new tokens, block 16, bf16 on CUDA. The variants are the bench stage's
+engines (`dflash.decoding.engine.Engine`: `eager` = engine hf, `fast`, `fast+compile` = engine fast), driven as the
+stage drives them. Measures per variant (a) target-only time per token and (b) time per DFlash step (draft forward +
+16-token verify + bookkeeping), both on z-lab's clock (restarted after the drafter's first pass over the prompt; per
+token over all n tokens), with a draft / verify breakdown, and checks that the fast path commits the same tokens as
+the eager engine:
 
 * strict (fp32, TF32 off, a reduced-depth target at full width, 8 layers by default): fast == eager token for token
   and step for step - target-only, DFlash with the random drafter, a forced acceptance pattern covering every accept
@@ -33,8 +36,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from dflash.decoding.fast import clear_decoders, get_decoder  # noqa: E402
-from dflash.decoding.hf import DrafterProposer, dflash_generate, target_generate  # noqa: E402
+from dflash.decoding.engine import Engine  # noqa: E402
+from dflash.decoding.hf import DrafterProposer  # noqa: E402
+from dflash.decoding.metrics import first_difference  # noqa: E402
 from dflash.modeling.drafter import DFlashDrafter, DrafterConfig, build_target_layer_ids  # noqa: E402
 
 FULL = dict(vocab=151936, hidden=4096, inter=12288, layers=36, heads=32, kv=8, head_dim=128, draft_layers=5,
@@ -102,37 +106,24 @@ def build_drafter(target, n_layers: int, layer_ids: list[int], bs: int, dtype, d
 # ----------------------------------------------------------------------------------------------------------------
 # engines: one interface over the eager HF engine and the fast path
 
-class Engine:
+class Variant(Engine):
+    """A measured variant over the bench stage's engines (`eager`: hf, `fast`, `fast+compile`: fast), with the
+    checks' hooks: `force(tokens, start, bs) -> ids` overrides the drafter's proposal, `drafts` collects it."""
+
     def __init__(self, name, target, drafter, bs, max_len, graphs=None, compile=False):
-        self.name, self.target, self.drafter, self.bs = name, target, drafter, bs
-        self.dec = None if name == "eager" else get_decoder(target, drafter, bs, max_len, graphs, compile)
-        self.tdec = None if name == "eager" else get_decoder(target, None, bs, max_len, graphs, compile)
+        super().__init__("hf" if name == "eager" else "fast", target, drafter, bs, compile, graphs, max_len, name)
 
     def target_gen(self, prompt, n, eos=frozenset()):
-        if self.dec is None:
-            return target_generate(self.target, prompt, n, set(eos))
-        return self.tdec.target_generate(prompt, n, set(eos))
+        return self.target_generate(prompt, n, set(eos))
 
-    def dflash(self, prompt, n, eos=frozenset(), propose=None, force=None, drafts=None):
-        """`force(tokens, start, bs) -> ids` overrides the real drafter's proposal; `drafts` collects raw drafts."""
-        if self.dec is None:
-            prop = DrafterProposer(self.drafter, self.target)
-            if force is not None:
-                def wrapped(tokens, start, pending, bs):
-                    d = prop(tokens, start, pending, bs)
-                    if drafts is not None:
-                        drafts.append(d.tolist())
-                    return force(tokens, start, bs)
-                propose = wrapped
-            return dflash_generate(self.target, self.drafter, prompt, n, set(eos), block_size=self.bs,
-                                   propose=propose or prop)
-        fast_force = None
+    def spec(self, prompt, n, eos=frozenset(), propose=None, force=None, drafts=None):
+        hook = None
         if force is not None:
-            def fast_force(tokens, start, d, bs):
+            def hook(tokens, start, d, bs):
                 if drafts is not None:
                     drafts.append(d.tolist())
                 return force(tokens, start, bs)
-        return self.dec.dflash_generate(prompt, n, set(eos), propose=propose, force=fast_force)
+        return self.dflash(prompt, n, set(eos), propose=propose, force=hook)
 
 
 def pattern_force(truth: list[int], pattern: list[int], vocab: int, dev):
@@ -160,17 +151,10 @@ def expected_accepts(pattern: list[int], n_new: int) -> list[int]:
 # ----------------------------------------------------------------------------------------------------------------
 # comparisons
 
-def first_diff(a: list[int], b: list[int]) -> int | None:
-    for i, (x, y) in enumerate(zip(a, b, strict=False)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))
-
-
 @torch.no_grad()
 def compare_tokens(name, ref, out, target, prompt, tol) -> dict:
     """Equal, or (tol given) diverging first at a near-tie under the HF model: |logit(ref_i) - logit(out_i)| <= tol."""
-    i = first_diff(ref, out)
+    i = first_difference(ref, out)
     res = {"name": name, "equal": i is None, "common_prefix": len(ref) if i is None else i, "len": len(out)}
     if i is None:
         return {**res, "ok": True}
@@ -256,14 +240,24 @@ def time_replays(dec, step, n: int) -> float:
     return (time.perf_counter() - t) / n * 1e3
 
 
-def measure(eng: Engine, prompt, n_new, bs, repeats, vocab, dev) -> tuple[dict, dict]:
+def per_token(g) -> float:
+    """z-lab's time per output token: clock restarted after the drafter's first pass, over all n tokens."""
+    return g.decode_s_zlab / max(1, len(g.tokens))
+
+
+def per_step(g) -> float:
+    """Time per DFlash step on z-lab's clock."""
+    return g.decode_s_zlab / max(1, len(g.accept_lengths))
+
+
+def measure(eng: Variant, prompt, n_new, bs, repeats, vocab, dev) -> tuple[dict, dict]:
     """Timings of one engine variant; returns (row, outputs for the checks)."""
     row, outs = {"name": eng.name}, {}
     t0 = time.perf_counter()
     warm = eng.target_gen(prompt, n_new + bs)           # warm-up over the whole length range; also the pattern truth
     outs["truth"] = warm.tokens
     runs = [eng.target_gen(prompt, n_new) for _ in range(repeats)]
-    row["target_ms_per_token"] = statistics.median(r.decode_s / max(1, len(r.tokens) - 1) for r in runs) * 1e3
+    row["target_ms_per_token"] = statistics.median(map(per_token, runs)) * 1e3
     outs["target"] = runs[0].tokens
     row["distinct_tokens"] = len(set(runs[0].tokens))     # a random model that repeats one token checks little
 
@@ -279,14 +273,14 @@ def measure(eng: Engine, prompt, n_new, bs, repeats, vocab, dev) -> tuple[dict, 
             draft_times.append(time.perf_counter() - t)
             return r
 
-        eng.dflash(prompt, n_new, propose=timed)
+        eng.spec(prompt, n_new, propose=timed)
     else:
-        eng.dflash(prompt, n_new)
-    runs = [eng.dflash(prompt, n_new) for _ in range(repeats)]
-    best = min(runs, key=lambda r: r.decode_s)
+        eng.spec(prompt, n_new)
+    runs = [eng.spec(prompt, n_new) for _ in range(repeats)]
+    best = min(runs, key=lambda r: r.decode_s_zlab)
     steps = len(best.accept_lengths)
-    row.update(dflash_ms_per_step=statistics.median(r.decode_s / max(1, len(r.accept_lengths)) for r in runs) * 1e3,
-               dflash_ms_per_token=statistics.median(r.decode_s / max(1, len(r.tokens) - 1) for r in runs) * 1e3,
+    row.update(dflash_ms_per_step=statistics.median(map(per_step, runs)) * 1e3,
+               dflash_ms_per_token=statistics.median(map(per_token, runs)) * 1e3,
                steps=steps, tau=sum(best.accept_lengths) / max(1, steps),
                prefill_ms=statistics.median(r.prefill_s for r in runs) * 1e3)
     outs["dflash"] = runs[0].tokens
@@ -298,15 +292,15 @@ def measure(eng: Engine, prompt, n_new, bs, repeats, vocab, dev) -> tuple[dict, 
         row["draft_ms"] = time_replays(eng.dec, eng.dec.draft_step, n)
         row["verify_ms"] = time_replays(eng.dec, eng.dec.verify_step, n)
         row["bookkeeping_ms"] = row["dflash_ms_per_step"] - row["draft_ms"] - row["verify_ms"]
-        row["target_step_ms"] = time_replays(eng.tdec, eng.tdec.target_step, n)
+        row["target_step_ms"] = time_replays(eng.dec, eng.dec.target_step, n)
 
     # forced full acceptance (tau = B) with the real drafter running underneath: the step cost at high acceptance;
     # the proposals are this engine's own DFlash output (its verify's choices), so nearly every block is accepted
     for _ in range(2):                                   # warm-up, then timed
-        r = eng.dflash(prompt, n_new, force=pattern_force(outs["dflash"], [bs - 1], vocab, dev))
+        r = eng.spec(prompt, n_new, force=pattern_force(outs["dflash"], [bs - 1], vocab, dev))
     row["forced_tau"] = sum(r.accept_lengths) / max(1, len(r.accept_lengths))
-    row["forced_ms_per_step"] = r.decode_s / max(1, len(r.accept_lengths)) * 1e3
-    row["forced_ms_per_token"] = r.decode_s / max(1, len(r.tokens) - 1) * 1e3
+    row["forced_ms_per_step"] = per_step(r) * 1e3
+    row["forced_ms_per_token"] = per_token(r) * 1e3
     row["elapsed_s"] = time.perf_counter() - t0
     return row, outs
 
@@ -317,38 +311,38 @@ def measure(eng: Engine, prompt, n_new, bs, repeats, vocab, dev) -> tuple[dict, 
 def strict_checks(target, drafter, prompt, n_new, bs, variants, dev) -> list[dict]:
     """fp32: every fast variant must equal the eager engine token for token and step for step."""
     vocab = target.config.vocab_size
-    eager = Engine("eager", target, drafter, bs, len(prompt) + n_new + bs)
-    ref = {"truth": eager.target_gen(prompt, n_new + bs).tokens, "dflash": eager.dflash(prompt, n_new), "drafts": []}
+    eager = Variant("eager", target, drafter, bs, len(prompt) + n_new + bs)
+    ref = {"truth": eager.target_gen(prompt, n_new + bs).tokens, "dflash": eager.spec(prompt, n_new), "drafts": []}
     truth = ref["truth"]
-    ref["pattern"] = eager.dflash(prompt, n_new, force=pattern_force(truth, PATTERN, vocab, dev),
+    ref["pattern"] = eager.spec(prompt, n_new, force=pattern_force(truth, PATTERN, vocab, dev),
                                   drafts=ref["drafts"])
     first = next((i for i in range(1, bs - 1) if truth[i] not in truth[:i]), None)   # a fresh token in block 1
     if first is not None:
-        ref["eos"] = eager.dflash(prompt, n_new, {truth[first]}, force=pattern_force(truth, [bs - 1], vocab, dev))
+        ref["eos"] = eager.spec(prompt, n_new, {truth[first]}, force=pattern_force(truth, [bs - 1], vocab, dev))
     checks = [{"name": "strict/eager-dflash==eager-target", "ok": ref["dflash"].tokens == truth[:n_new],
                "distinct_tokens": len(set(truth))},
               {"name": "strict/eager-pattern==truth", "ok": ref["pattern"].tokens == truth[:n_new]
                and ref["pattern"].accept_lengths == expected_accepts(PATTERN, n_new)}]
     for name, graphs, comp in variants:
         try:
-            checks += strict_variant(Engine(name, target, drafter, bs, len(prompt) + n_new + bs, graphs, comp),
+            checks += strict_variant(Variant(name, target, drafter, bs, len(prompt) + n_new + bs, graphs, comp),
                                      prompt, n_new, bs, vocab, dev, ref, first)
         except Exception as e:                                  # report and go on with the other variants
             checks.append({"name": f"strict/{name}", "ok": False, "error": repr(e)[:500]})
     return checks
 
 
-def strict_variant(eng: Engine, prompt, n_new, bs, vocab, dev, ref: dict, first: int | None) -> list[dict]:
+def strict_variant(eng: Variant, prompt, n_new, bs, vocab, dev, ref: dict, first: int | None) -> list[dict]:
     name, truth, checks = eng.name, ref["truth"], []
     t = eng.target_gen(prompt, n_new + bs)
     checks.append({"name": f"strict/{name}/target-only", "ok": t.tokens == truth,
-                   "common_prefix": first_diff(truth, t.tokens)})
-    d, e = eng.dflash(prompt, n_new), ref["dflash"]
+                   "common_prefix": first_difference(truth, t.tokens)})
+    d, e = eng.spec(prompt, n_new), ref["dflash"]
     checks.append({"name": f"strict/{name}/dflash-random-drafter",
                    "ok": d.tokens == e.tokens and d.accept_lengths == e.accept_lengths,
-                   "common_prefix": first_diff(e.tokens, d.tokens)})
+                   "common_prefix": first_difference(e.tokens, d.tokens)})
     drafts: list = []
-    p, e = eng.dflash(prompt, n_new, force=pattern_force(truth, PATTERN, vocab, dev), drafts=drafts), ref["pattern"]
+    p, e = eng.spec(prompt, n_new, force=pattern_force(truth, PATTERN, vocab, dev), drafts=drafts), ref["pattern"]
     checks.append({"name": f"strict/{name}/forced-pattern+drafter",
                    "ok": p.tokens == e.tokens and p.accept_lengths == e.accept_lengths and drafts == ref["drafts"],
                    "draft_agreement": draft_agreement(ref["drafts"], drafts), "steps": len(p.accept_lengths),
@@ -357,7 +351,7 @@ def strict_variant(eng: Engine, prompt, n_new, bs, vocab, dev, ref: dict, first:
         checks.append({"name": f"strict/{name}/eos-inside-block", "ok": True,
                        "skipped": "no fresh token in the first block of the target's output"})
         return checks
-    f = eng.dflash(prompt, n_new, {truth[first]}, force=pattern_force(truth, [bs - 1], vocab, dev))
+    f = eng.spec(prompt, n_new, {truth[first]}, force=pattern_force(truth, [bs - 1], vocab, dev))
     checks.append({"name": f"strict/{name}/eos-inside-block", "eos_index": first,
                    "ok": f.tokens == ref["eos"].tokens == truth[:first + 1] and len(f.accept_lengths) == 1})
     return checks
@@ -423,12 +417,12 @@ def main(argv=None) -> int:
     prompt = torch.randint(0, vocab - 1, (p_len,), generator=g).tolist()
     block = torch.randint(0, vocab - 1, (bs,), generator=g).tolist()
     max_len = p_len + n_new + bs
-    engines = [Engine("eager", target, drafter, bs, max_len)]
+    engines = [Variant("eager", target, drafter, bs, max_len)]
     tol = None
     for name, graphs, comp in variants:
         t = time.perf_counter()
         try:
-            eng = Engine(name, target, drafter, bs, max_len, graphs, comp)
+            eng = Variant(name, target, drafter, bs, max_len, graphs, comp)
             agree = forward_agreement(target, eng.dec, prompt, block)
         except Exception as e:                                  # report and go on (e.g. compile unavailable)
             checks.append({"name": f"{name}/forward-vs-hf", "ok": False, "error": repr(e)[:500]})
@@ -475,7 +469,7 @@ def main(argv=None) -> int:
         # variant must commit what the eager engine commits, step for step, with the same raw drafts
         truth = e["dflash"]      # the verify's own choices (block-sized forwards, like the forced runs' verifies)
         e_drafts: list = []
-        ref = engines[0].dflash(prompt, n_new, force=pattern_force(truth, PATTERN, vocab, dev), drafts=e_drafts)
+        ref = engines[0].spec(prompt, n_new, force=pattern_force(truth, PATTERN, vocab, dev), drafts=e_drafts)
         c = compare_tokens("eager: forced pattern vs eager dflash (reference self-consistency)",
                            truth[:n_new], ref.tokens, target, prompt, tol_used)
         c["ok"] = c["ok"] and accepts_before(ref.accept_lengths, expected_accepts(PATTERN, n_new),
@@ -485,7 +479,7 @@ def main(argv=None) -> int:
             if eng.name not in outs:
                 continue
             f_drafts: list = []
-            out = eng.dflash(prompt, n_new, force=pattern_force(truth, PATTERN, vocab, dev), drafts=f_drafts)
+            out = eng.spec(prompt, n_new, force=pattern_force(truth, PATTERN, vocab, dev), drafts=f_drafts)
             c = compare_tokens(f"{eng.name}/forced-pattern+drafter vs eager/forced-pattern+drafter", ref.tokens,
                                out.tokens, target, prompt, tol_used)
             steps = steps_before(ref.accept_lengths, c["common_prefix"])        # steps on identical contexts
@@ -496,7 +490,6 @@ def main(argv=None) -> int:
             checks.append(c)
 
     del engines, target, drafter
-    clear_decoders()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -518,7 +511,6 @@ def main(argv=None) -> int:
         log(f"strict fp32 checks ({strict_layers}-layer target, ids {s['layer_ids']}): "
             f"{sum(c['ok'] for c in sc)}/{len(sc)} passed ({time.perf_counter() - t:.1f}s)")
         del st, sd
-        clear_decoders()
 
     # -- report --------------------------------------------------------------------------------------------------
     by = {r["name"]: r for r in rows}

@@ -133,7 +133,8 @@ def test_paper_recipe(phases):
         (6, "cosine", 512, 6e-4, 0.04, None)
     assert {s["hub_id"] for s in cfg["data"]["sources"]} == {"nvidia/Nemotron-Post-Training-Dataset-v2",
                                                             "sahil2801/CodeAlpaca-20k"}
-    assert cfg["bench"]["engine"] == "hf"
+    assert cfg["bench"]["engine"] == "fast"             # z-lab's loop and timing without the eager launch overhead
+    assert phases["paper"].runs["zlab"]["drafter"]["pretrained"] == "z-lab/Qwen3-8B-DFlash-b16"
 
 
 def test_shared_stages_across_phases(phases):

@@ -80,6 +80,30 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from dflash.decoding import metrics
+    from dflash.results.report import bench_summary, read_jsonl
+
+    dirs = [Path(args.a), Path(args.b)]
+    for d in dirs:
+        if not (d / "records.jsonl").is_file():
+            raise FileNotFoundError(f"{d}: no records.jsonl (expected a bench stage directory)")
+    res = metrics.compare(*(read_jsonl(d / "records.jsonl") for d in dirs))
+    res["tau"] = [bench_summary(d)["tau_macro"] for d in dirs]
+    if args.json:
+        print(json.dumps(res, indent=1))
+        return 0
+    for r in res["rows"]:
+        diff = "not compared (no token ids)" if not r["compared"] else (
+            "equal" if r["first_difference"] is None else f"first difference at token {r['first_difference']}")
+        tau = " ".join("-" if t is None else f"{t:.3f}" for t in (r["tau_a"], r["tau_b"]))
+        print(f"{r['prompt_id']:<16} turn {r['turn']}  tau {tau}  {diff}")
+    print(f"{res['matched']} requests matched ({res['only_a']} only in A, {res['only_b']} only in B); equal outputs "
+          f"{res['equal_outputs']}/{res['compared']}; tau A {res['tau'][0]:.4f}, B {res['tau'][1]:.4f} "
+          f"(difference {res['tau'][1] - res['tau'][0]:+.4f})")
+    return 0
+
+
 def cmd_provenance(args) -> int:
     from dflash.results.provenance import chain
 
@@ -169,6 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("phase")
     s.add_argument("--results", default=None, help="results tree to read (default: results/; e.g. a published copy)")
     s.set_defaults(fn=cmd_report)
+    s = sub.add_parser("compare", help="two bench directories request by request: tau of each request, and where "
+                       "the outputs first differ (two engines, drafters or runs on the same prompts)")
+    s.add_argument("a")
+    s.add_argument("b")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_compare)
     s = sub.add_parser("provenance", help="the provenance chain from a report, table or stage file down to the data")
     s.add_argument("path")
     s.add_argument("--json", action="store_true")

@@ -283,10 +283,30 @@ class FastDecoder:
         for step in (self.target_step, self.verify_step, self.draft_step):
             step.reset()
 
-    def ensure(self, needed: int) -> None:
-        """Make room for `needed` = prompt + new tokens (re-allocates and drops captured graphs if too small)."""
-        if needed + 2 * self.bs + 1 > self.L:
-            self._alloc(needed)
+    def ensure(self, needed: int, headroom: int = 0) -> bool:
+        """Make room for `needed` = prompt + new tokens; if too small, re-allocate for `needed + headroom` and drop
+        the captured graphs. Returns whether it re-allocated."""
+        if needed + 2 * self.bs + 1 <= self.L:
+            return False
+        self._alloc(needed + headroom)
+        return True
+
+    @torch.no_grad()
+    def warm_up(self) -> None:
+        """Run every fixed-shape step once, capturing its CUDA graph (and compiling it): what would otherwise
+        happen inside the first timed generation. The steps run at positions 0..B-1 on whatever the buffers hold
+        (finite values), which the next generation's prefill overwrites or its masks hide."""
+        self.start_t.zero_()
+        self.tok_t.zero_()
+        self.verify_ids.zero_()
+        steps = [self.target_step, self.verify_step]
+        if self.has_drafter:
+            self.nctx_t.zero_()
+            steps.append(self.draft_step)
+        with self.sdpa_context():
+            for step in steps:
+                step()
+        sync(self.dev)
 
     def sdpa_context(self):
         """The attention-kernel choice every forward of this decoder runs under (a no-op off CUDA)."""
@@ -433,8 +453,8 @@ class FastDecoder:
         usual) and then replaces its proposal `drafts` (a device tensor) before verification: forced acceptance
         patterns for checks and benchmarks.
 
-        prefill_s includes the drafter's ingestion of the prompt context (the eager engine counts its first draft
-        call, which does that, as decode time)."""
+        Timing as the eager engine's: the drafter's first pass (here: reading the prompt's context into the draft
+        cache, then the first draft step) is part of decode_s and measured as draft_prefill_s."""
         if not self.has_drafter and propose is None:
             raise ValueError("a FastDecoder without a drafter needs `propose`")
         bs, p = self.bs, len(prompt_ids)
@@ -443,26 +463,29 @@ class FastDecoder:
         t0 = time.perf_counter()
         logits, feats = self.prefill(prompt_ids)
         tokens = [int(pick(logits[0, -1], temperature, generator))]
-        with self.sdpa_context():
-            if propose is None:
-                self._ingest(feats)
         pending = feats
         sync(self.dev)
         t1 = time.perf_counter()
         accept: list[int] = []
+        first_pass = 0.0
         start = p                                             # position of the last committed token
         self.start_t.fill_(start)
         self.verify_ids[:1].fill_(tokens[-1])
         if self.has_drafter:
-            self.nctx_t.fill_(0)                              # the prompt context is already in the draft cache
+            self.nctx_t.fill_(0)                              # the prompt context goes in by _ingest
         with self.sdpa_context():
             while len(tokens) < max_new_tokens and not eos.intersection(tokens[-bs:]):
                 if propose is None:
+                    if not accept:
+                        self._ingest(feats)
                     self.draft_step()
                     if force is not None:
                         self.verify_ids[1:].copy_(force(tokens, start, self.verify_ids[1:], bs).view(-1))
                 else:
                     self.verify_ids[1:].copy_(propose(tokens, start, pending, bs).view(-1))
+                if not accept:                                # the drafter's first pass, over the prompt context
+                    sync(self.dev)
+                    first_pass = time.perf_counter() - t1
                 self.verify_step()
                 post = pick(self.logits_v, temperature, generator)
                 vals = torch.cat([self.verify_ids[1:], post.view(-1)]).tolist()      # the step's one sync
@@ -480,7 +503,8 @@ class FastDecoder:
                 if propose is not None:
                     pending = self.feat[None, : a + 1] if self.has_drafter else None
         sync(self.dev)
-        return Generation(truncate(tokens, max_new_tokens, eos), t1 - t0, time.perf_counter() - t1, accept)
+        return Generation(truncate(tokens, max_new_tokens, eos), t1 - t0, time.perf_counter() - t1, accept,
+                          first_pass)
 
 
 # ---------------------------------------------------------------------------------------------------------------

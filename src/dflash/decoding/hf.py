@@ -4,6 +4,10 @@ Per step: block = [last committed token, mask x (B-1)]; the drafter fills the ma
 target context not yet in its cache; the target verifies the block in one forward; the longest prefix where the
 draft equals the target's own choice is accepted, plus the target's next token (the bonus): tau per step = a + 1.
 Verification samples from the target, so every emitted token is the target's (lossless at any temperature).
+
+Timing (CUDA-synchronised): `prefill_s` is the target's prefill and first token; `decode_s` runs from there to the
+end (the project's definition); `draft_prefill_s` is the part of it spent in the drafter's first pass (its first
+call, which also reads the whole prompt context). z-lab restarts the clock after that pass: `decode_s_zlab`.
 """
 
 from __future__ import annotations
@@ -40,6 +44,12 @@ class Generation:
     prefill_s: float
     decode_s: float
     accept_lengths: list[int] = field(default_factory=list)
+    draft_prefill_s: float = 0.0        # the drafter's first pass, part of decode_s (0 without a drafter)
+
+    @property
+    def decode_s_zlab(self) -> float:
+        """Decode time with z-lab's clock: restarted after the drafter's first pass over the prompt."""
+        return self.decode_s - self.draft_prefill_s
 
 
 def truncate(tokens: list[int], max_new: int, eos: set[int]) -> list[int]:
@@ -113,10 +123,13 @@ def dflash_generate(target, drafter, prompt_ids: list[int], max_new_tokens: int,
     pending = torch.cat([out.hidden_states[i + 1] for i in layer_ids], dim=-1)   # context not yet in draft cache
     sync(dev)
     t1 = time.perf_counter()
-    accept = []
+    accept, first_pass = [], 0.0
     while len(tokens) < max_new_tokens and not eos.intersection(tokens[-bs:]):
         start = len(prompt_ids) + len(tokens) - 1            # position of the last committed token
         draft = propose(tokens, start, pending, bs).view(1, bs - 1)
+        if not accept:                                       # the drafter's first pass, over the prompt context
+            sync(dev)
+            first_pass = time.perf_counter() - t1
         verify = torch.cat([torch.tensor([[tokens[-1]]], device=dev), draft], dim=1)
         out = target(input_ids=verify, past_key_values=cache, use_cache=True, output_hidden_states=True)
         post = pick(out.logits[0], temperature, generator)                       # (bs,)
@@ -126,4 +139,4 @@ def dflash_generate(target, drafter, prompt_ids: list[int], max_new_tokens: int,
         crop_cache(cache, start + a + 1)
         pending = torch.cat([out.hidden_states[i + 1][:, : a + 1] for i in layer_ids], dim=-1)
     sync(dev)
-    return Generation(truncate(tokens, max_new_tokens, eos), t1 - t0, time.perf_counter() - t1, accept)
+    return Generation(truncate(tokens, max_new_tokens, eos), t1 - t0, time.perf_counter() - t1, accept, first_pass)

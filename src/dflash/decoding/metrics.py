@@ -2,8 +2,15 @@
 
 tau_macro: mean over requests of each request's mean accepted length (z-lab). tau_token: total accepted tokens over
 total verification steps (SpecForge). Both include the bonus token; `tau_no_bonus` = tau_macro - 1.
-Speedups: decode-only = mean baseline time per token / mean DFlash time per token (prefill excluded, z-lab);
-end-to-end adds prefill to both.
+Speedups, batch 1, ratios of mean time per output token (baseline over DFlash), with two clocks per request:
+* z-lab's (`speedup_decode_zlab`, what the report shows): decode time from the end of the drafter's first pass over
+  the prompt (`decode_s_zlab`; the baseline's from the end of its prefill) over all n output tokens;
+* the project's earlier one (`speedup_decode_only`): decode time from the end of the target's prefill (the first
+  draft included) over n - 1 tokens (the first comes from prefill);
+end-to-end (`speedup_e2e`) adds prefill to both, over n tokens. Records without `decode_s_zlab` (written before it
+existed, or by SGLang, which has no per-step clock) give no z-lab value.
+`diverged` counts the requests whose output differs from the baseline's at T=0 (their record locates the first
+difference: `mismatch`).
 SGLang records have no per-step data: they count with the server's mean (`spec_accept_length`, which also counts the
 prefill token) over `spec_verify_ct` steps, and add nothing to the histogram or the per-position rates.
 """
@@ -15,6 +22,15 @@ import statistics
 
 def _per_token(decode_s: float, n_tokens: int) -> float:
     return decode_s / max(1, n_tokens - 1)      # the first token comes from prefill
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """The first position where two token sequences differ (the shorter one's length if one is a prefix of the
+    other); None if they are equal."""
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
 
 
 def _server_steps(r: dict) -> int:
@@ -59,4 +75,34 @@ def summarize(records: list[dict], block_size: int) -> dict:
                     "speedup_e2e": b_e2e / d_e2e if d_e2e else None,
                     "tpot_dflash_ms": d_tpot * 1e3, "tpot_baseline_ms": b_tpot * 1e3,
                     "lossless": all(r.get("lossless", True) for r in records)})
+        if all("decode_s_zlab" in r and "decode_s_zlab" in r["baseline"] for r in records):
+            d_z = statistics.fmean(r["decode_s_zlab"] / max(1, r["n_tokens"]) for r in records)
+            b_z = statistics.fmean(r["baseline"]["decode_s_zlab"] / max(1, r["baseline"]["n_tokens"])
+                                   for r in records)
+            out.update({"speedup_decode_zlab": b_z / d_z if d_z else None, "tpot_dflash_zlab_ms": d_z * 1e3,
+                        "tpot_baseline_zlab_ms": b_z * 1e3})
+        if any("lossless" in r for r in records):
+            out["diverged"] = sum(1 for r in records if r.get("lossless") is False)
     return out
+
+
+def compare(a: list[dict], b: list[dict]) -> dict:
+    """Two benches request by request (records matched on prompt id and turn; a later turn's prompt holds the
+    earlier DFlash answers, so it is the same prompt only where those were equal): each request's tau on both sides
+    and the first position where the DFlash outputs differ (None: equal; records without token ids: not compared)."""
+    other = {(r["prompt_id"], r["turn"]): r for r in b}
+    rows = []
+    for r in a:
+        o = other.get((r["prompt_id"], r["turn"]))
+        if o is None:
+            continue
+        both = "tokens" in r and "tokens" in o
+        rows.append({"prompt_id": r["prompt_id"], "turn": r["turn"],
+                     "tau_a": statistics.fmean(r["accept_lengths"]) if r["accept_lengths"] else None,
+                     "tau_b": statistics.fmean(o["accept_lengths"]) if o["accept_lengths"] else None,
+                     "compared": both,
+                     "first_difference": first_difference(r["tokens"], o["tokens"]) if both else None})
+    keys_a = {(r["prompt_id"], r["turn"]) for r in a}
+    return {"matched": len(rows), "only_a": len(keys_a) - len(rows), "only_b": len(other.keys() - keys_a),
+            "equal_outputs": sum(1 for x in rows if x["compared"] and x["first_difference"] is None),
+            "compared": sum(1 for x in rows if x["compared"]), "rows": rows}

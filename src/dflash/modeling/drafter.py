@@ -21,6 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from dflash.errors import DataError
+from dflash.plan import pretrained
+
 
 def build_target_layer_ids(num_target_layers: int, n: int) -> list[int]:
     """z-lab's rule: n layer ids spread evenly from layer 1 to layer L-3 (36 layers, n=5 -> [1, 9, 17, 25, 33]).
@@ -70,16 +73,53 @@ class DrafterConfig:
         }
 
     @classmethod
-    def from_hf(cls, cfg: dict) -> DrafterConfig:
-        dc = cfg.get("dflash_config", {})
-        names = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                 "num_key_value_heads", "vocab_size", "num_target_layers", "rms_norm_eps", "rope_theta",
-                 "max_position_embeddings")
+    def from_hf(cls, cfg: dict, source: str = "config.json") -> DrafterConfig:
+        """From a config.json in the z-lab / SGLang format (ours, or z-lab's published Qwen3 configs); `source`
+        names the file in errors. As in z-lab's code, `dflash_config.target_layer_ids` defaults to z-lab's rule
+        over `num_target_layers`; the fields may also sit at the top level."""
+        def fail(field: str, problem: str):
+            raise DataError(f"{source}: {field}: {problem}")
+
+        missing = [k for k in REQUIRED_HF_FIELDS if k not in cfg]
+        if missing:
+            fail(missing[0], "missing (a DFlash drafter config.json has " + ", ".join(REQUIRED_HF_FIELDS) + ")")
+        if cfg.get("hidden_act", "silu") != "silu":
+            fail("hidden_act", f"{cfg['hidden_act']!r} is not supported (SiLU MLPs only)")
+        if cfg.get("attention_bias"):
+            fail("attention_bias", "attention biases are not supported")
+        if "sliding_attention" in (cfg.get("layer_types") or []):
+            fail("layer_types", "sliding-window layers are not supported")
+        rope_field = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
+        rope = cfg.get(rope_field) or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            fail(rope_field, f"RoPE type {rope.get('rope_type', rope.get('type'))!r} is not supported")
+        dc = cfg.get("dflash_config") or {}
+        ids = dc.get("target_layer_ids", cfg.get("target_layer_ids"))
+        if ids is None:
+            ids = build_target_layer_ids(cfg["num_target_layers"], cfg["num_hidden_layers"])
+        mask = dc.get("mask_token_id", cfg.get("mask_token_id"))
+        if mask is None:
+            fail("dflash_config.mask_token_id", "missing")
+        names = ("intermediate_size", "num_key_value_heads", "vocab_size", "rms_norm_eps", "max_position_embeddings")
         kwargs = {k: cfg[k] for k in names if k in cfg}
-        return cls(**kwargs, head_dim=cfg.get("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"]),
-                   target_layer_ids=list(dc.get("target_layer_ids", cfg.get("target_layer_ids"))),
-                   mask_token_id=int(dc.get("mask_token_id", cfg.get("mask_token_id"))),
+        return cls(**kwargs, hidden_size=cfg["hidden_size"], num_hidden_layers=cfg["num_hidden_layers"],
+                   num_attention_heads=cfg["num_attention_heads"], num_target_layers=cfg["num_target_layers"],
+                   head_dim=cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
+                   rope_theta=float(cfg.get("rope_theta") or rope.get("rope_theta") or 1e6),
+                   target_layer_ids=[int(i) for i in ids], mask_token_id=int(mask),
                    block_size=int(cfg.get("block_size", dc.get("block_size", 16))))
+
+    def check_target(self, target_config, source: str) -> None:
+        """DataError (naming `source`) unless this drafter fits the target: its width, feature layers, mask id."""
+        t = target_config
+        if self.hidden_size != t.hidden_size:
+            raise DataError(f"{source}: hidden_size: {self.hidden_size}, the target's is {t.hidden_size}")
+        if max(self.target_layer_ids) >= t.num_hidden_layers:
+            raise DataError(f"{source}: dflash_config.target_layer_ids: {self.target_layer_ids} are not all layers "
+                            f"of the {t.num_hidden_layers}-layer target")
+        if not 0 <= self.mask_token_id < t.vocab_size:
+            raise DataError(f"{source}: dflash_config.mask_token_id: {self.mask_token_id} is outside the target's "
+                            f"{t.vocab_size} embedding rows")
 
     @classmethod
     def for_target(cls, target_config, drafter_cfg: dict, mask_token_id: int) -> DrafterConfig:
@@ -102,6 +142,10 @@ class DrafterConfig:
                    vocab_size=t.vocab_size, num_target_layers=t.num_hidden_layers, target_layer_ids=list(ids),
                    mask_token_id=mask_token_id, block_size=drafter_cfg["block_size"], rms_norm_eps=t.rms_norm_eps,
                    rope_theta=float(rope), max_position_embeddings=t.max_position_embeddings)
+
+
+REQUIRED_HF_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                      "num_key_value_heads", "vocab_size", "num_target_layers")
 
 
 class RMSNorm(nn.Module):
@@ -245,13 +289,22 @@ class DFlashDrafter(nn.Module):
 
     @classmethod
     def load(cls, path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> DFlashDrafter:
+        """A drafter directory in the z-lab format: config.json (with dflash_config) and model.safetensors (keys
+        as z-lab's, an optional `model.` prefix tolerated), as the convert stage writes and z-lab publishes."""
         from safetensors.torch import load_file
 
         path = Path(path)
-        cfg = DrafterConfig.from_hf(json.loads((path / "config.json").read_text()))
-        model = cls(cfg)
-        state = {k.removeprefix("model."): v for k, v in load_file(str(path / "model.safetensors")).items()}
-        model.load_state_dict(state, strict=True)
+        config, weights = path / "config.json", path / "model.safetensors"
+        try:
+            raw = json.loads(config.read_text())
+        except (OSError, ValueError) as e:
+            raise DataError(f"{config}: not a readable JSON file ({e})") from None
+        model = cls(DrafterConfig.from_hf(raw, str(config)))
+        state = {k.removeprefix("model."): v for k, v in load_file(str(weights)).items()}
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise DataError(f"{weights}: the weights do not match {config}: {e}") from None
         return model.to(device=device, dtype=dtype).eval()
 
 
@@ -284,12 +337,38 @@ def target_features(target, input_ids, layer_ids: list[int], attention_mask=None
     return torch.cat([captured[i] for i in layer_ids], dim=-1)
 
 
+def pretrained_dir(ref: str) -> tuple[Path, dict[str, str], dict]:
+    """Where the drafter `drafter.pretrained` names lives: (directory, {input label: sha256} of its files, what was
+    resolved). A hub id is fetched into the Hugging Face cache (the two files only), or found there offline
+    (HF_HUB_OFFLINE=1); the snapshot's commit is recorded."""
+    p = pretrained.parse(ref)
+    if p.path is not None:
+        directory, label, info = p.path, ref.rstrip("/"), {"pretrained": ref}
+    else:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+        try:
+            directory = Path(snapshot_download(p.hub_id, revision=p.revision,
+                                               allow_patterns=list(pretrained.FILES)))
+        except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
+            raise DataError(f"drafter.pretrained {ref}: cannot fetch it from the hub or find it in the local Hugging "
+                            f"Face cache: {str(e).splitlines()[0]}") from None
+        label = f"hub:{p.hub_id}@{directory.name}"
+        info = {"pretrained": ref, "hub_id": p.hub_id, "revision": p.revision, "commit": directory.name}
+    missing = [f for f in pretrained.FILES if not (directory / f).is_file()]
+    if missing:
+        raise DataError(f"drafter.pretrained {ref}: {directory} has no {' or '.join(missing)}")
+    return directory, {f"{label}/{f}": pretrained.file_sha256(directory / f) for f in pretrained.FILES}, info
+
+
 TRAINED_WEIGHTS, TRAINED_CONFIG = "drafter.pt", "drafter_config.json"
 
 
 def load_trained(train_dir: Path, device: str = "cpu") -> DFlashDrafter:
     """The drafter a train stage wrote (`drafter.pt` + `drafter_config.json`), in eval mode."""
-    cfg = DrafterConfig.from_hf(json.loads((Path(train_dir) / TRAINED_CONFIG).read_text()))
+    cfg = DrafterConfig.from_hf(json.loads((Path(train_dir) / TRAINED_CONFIG).read_text()),
+                                str(Path(train_dir) / TRAINED_CONFIG))
     model = DFlashDrafter(cfg)
     model.load_state_dict(torch.load(Path(train_dir) / TRAINED_WEIGHTS, map_location="cpu"))
     return model.to(device).eval()

@@ -16,6 +16,7 @@ import yaml
 from dflash.data import references
 from dflash.data.benchmarks import DATASETS, FAMILIES, SYNTHETIC_PREFIX
 from dflash.errors import ConfigError
+from dflash.plan import pretrained
 from dflash.plan.paths import PHASES_DIR, SCHEMA_DIR
 from dflash.stages import BY_NAME
 
@@ -242,6 +243,10 @@ def _check_run(run: dict, where: str) -> None:
         raise ConfigError(f"{where}.target.{needs[t['kind']]}: required when target.kind is {t['kind']!r}")
     if t["kind"] == "synthetic" and t["synthetic"]["num_heads"] % t["synthetic"]["num_kv_heads"]:
         raise ConfigError(f"{where}.target.synthetic.num_kv_heads: must divide num_heads")
+    if "pretrained" in run["drafter"]:
+        problem = pretrained.problem(run["drafter"]["pretrained"])
+        if problem:
+            raise ConfigError(f"{where}.drafter.pretrained: {problem}")
     tr = run["train"]
     if tr["min_lr"] > tr["lr"]:
         raise ConfigError(f"{where}.train.min_lr: must be <= train.lr ({tr['lr']})")

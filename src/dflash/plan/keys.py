@@ -15,7 +15,7 @@ from pathlib import Path
 
 from dflash.plan.config import Phase, load_all, load_phase, load_valid
 from dflash.plan.paths import PHASES_DIR, Results
-from dflash.stages import BY_NAME, REPORT, STAGES
+from dflash.stages import BY_NAME, REPORT, STAGES, alternatives
 
 
 def canonical_json(obj) -> str:
@@ -113,9 +113,13 @@ def plan_run(phase: Phase, run_name: str, run: dict, results: Results) -> tuple[
         if not st.when(run):
             continue
         upstream = {}
-        for names in st.upstream:
-            name = next(n for n in names.split("|") if n in keys)
-            upstream[name] = keys[name]
+        for entry in st.upstream:
+            name = next((n for n in alternatives(entry) if n in keys), None)
+            if name is not None:
+                upstream[name] = keys[name]
+            elif not entry.endswith("?"):
+                raise ValueError(f"{phase.file}: runs.{run_name}: stage {st.name} needs {entry}, which the run "
+                                 "does not plan")
         for ds in (phase.datasets if st.per_dataset else [None]):
             config = st.select(run, phase, ds)
             key = stage_key(st.name, config, upstream)

@@ -36,7 +36,8 @@ from dflash.stages import NAMES as STAGES
 KEY = re.compile(r"^[0-9a-f]{12}$")
 SUMMARY_FIELDS = ("n_requests", "n_steps", "tau_macro", "tau_token", "tau_no_bonus", "histogram",
                   "acceptance_per_position", "tokens", "speedup_decode_only", "speedup_e2e", "tpot_dflash_ms",
-                  "tpot_baseline_ms", "lossless")
+                  "tpot_baseline_ms", "lossless", "speedup_decode_zlab", "tpot_dflash_zlab_ms",
+                  "tpot_baseline_zlab_ms", "diverged")
 ROW_KEYS = {"tau": ("run", "dataset"), "speedup": ("run", "dataset"), "training": ("run",),
             "deltas": ("run", "compared_to", "metric", "dataset"), "references": ("reference", "metric", "dataset")}
 AGG_TOLERANCE = 2e-4        # mean of 4-decimal cells vs the 4-decimal mean
@@ -193,23 +194,24 @@ class Auditor:
                 if bad:
                     self.problem(d / "summary.json", f"{', '.join(bad)} differ from the values recomputed from "
                                                      "records.jsonl")
-            tdir = self.tree.stage_dir("train", keys["train"])
-            try:
-                train = json.loads((tdir / "summary.json").read_text())
-                metrics = rep.read_jsonl(tdir / "metrics.jsonl")
-            except (OSError, ValueError) as e:
-                self.problem(tdir / "metrics.jsonl", f"cannot read the training metrics: {e!r}")
-                continue
-            self.check_train(tdir, train, metrics)
-            if run in self.ph.runs and train.get("global_batch") not in (None,
-                                                                        rep.planned_global_batch(self.ph.runs[run])):
-                self.problem(tdir / "summary.json", f"run {run} trained with global batch {train['global_batch']}, "
-                             f"its config plans {rep.planned_global_batch(self.ph.runs[run])} (micro batch x accum x "
-                             "training GPUs): its schedule is not the one the config states")
+            tkey = keys.get("train")            # None: a pretrained drafter, nothing trained
+            train = metrics = None
+            if tkey is not None:
+                tdir = self.tree.stage_dir("train", tkey)
+                try:
+                    train = json.loads((tdir / "summary.json").read_text())
+                    metrics = rep.read_jsonl(tdir / "metrics.jsonl")
+                except (OSError, ValueError) as e:
+                    self.problem(tdir / "metrics.jsonl", f"cannot read the training metrics: {e!r}")
+                    continue
+                self.check_train(tdir, train, metrics)
+                planned = rep.planned_global_batch(self.ph.runs[run]) if run in self.ph.runs else None
+                if planned is not None and train.get("global_batch") not in (None, planned):
+                    self.problem(tdir / "summary.json", f"run {run} trained with global batch "
+                                 f"{train['global_batch']}, its config plans {planned} (micro batch x accum x "
+                                 "training GPUs): its schedule is not the one the config states")
             if ok:
-                data[run] = {"kind": "run", "config": self.ph.runs.get(run, {}), "bench": bench,
-                             "bench_keys": dict(keys["bench"]), "train_key": keys["train"], "train": train,
-                             "metrics": metrics}
+                data[run] = rep.run_entry(self.ph.runs.get(run, {}), bench, keys["bench"], tkey, train, metrics)
         return data
 
     def check_train(self, tdir: Path, summary: dict, metrics: list[dict]) -> None:

@@ -28,8 +28,12 @@ AGG_SOURCE = "mean of the run's per-dataset rows"
 
 TAU_COLS = ["run", "dataset", "family", "tau", "tau_token_weighted", "tau_no_bonus", "n_requests", "backend",
             "hardware", "temperature", "source"]
-SPEED_COLS = ["run", "dataset", "speedup_decode_only", "speedup_e2e", "tpot_dflash_ms", "tpot_baseline_ms", "lossless",
-              "n_requests", "backend", "hardware", "temperature", "source"]
+# speedup_decode_zlab and its TPOTs: z-lab's clock (restarted after the drafter's first pass, n tokens);
+# speedup_decode_only: the project's earlier clock (from the end of prefill, n - 1 tokens); see decoding/metrics.py
+SPEED_VALUES = ["speedup_decode_zlab", "tpot_dflash_zlab_ms", "tpot_baseline_zlab_ms", "speedup_decode_only",
+                "speedup_e2e"]
+SPEED_COLS = ["run", "dataset", *SPEED_VALUES, "lossless", "diverged", "n_requests", "backend", "hardware",
+              "temperature", "source"]
 TRAIN_COLS = ["run", "steps", "schedule_steps", "global_batch", "planned_global_batch", "samples", "epochs",
               "final_loss", "final_acc", "samples_per_s", "wall_s", "gpus", "gpu_hours", "device", "source"]
 DELTA_COLS = ["run", "metric", "dataset", "family", "n_datasets", "value", "reference", "delta", "ratio",
@@ -38,8 +42,8 @@ REF_COLS = ["reference", "role", "source", "label", "target_model", "method", "t
             "metric", "value", "note"]
 TABLES = {"tau": TAU_COLS, "speedup": SPEED_COLS, "training": TRAIN_COLS, "deltas": DELTA_COLS,
           "references": REF_COLS}
-# our summary field for each reference metric
-METRIC_FIELDS = {"tau": "tau_macro", "speedup_decode_only": "speedup_decode_only", "speedup_e2e": "speedup_e2e"}
+# our summary field for each reference metric (published decode-only speedups: compared with z-lab's clock)
+METRIC_FIELDS = {"tau": "tau_macro", "speedup_decode_only": "speedup_decode_zlab", "speedup_e2e": "speedup_e2e"}
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -70,15 +74,27 @@ def bench_summary(directory: Path) -> dict:
     return s
 
 
+def run_entry(config: dict, bench: dict, bench_keys: dict, train_key: str | None = None, train: dict | None = None,
+              train_metrics: list[dict] | None = None) -> dict:
+    """One own run as the tables read it; a run with a pretrained drafter has no train stage (train_key None)."""
+    entry = {"kind": "run", "config": config, "bench": bench, "bench_keys": dict(bench_keys), "train_key": train_key}
+    if train_key is not None:
+        entry.update(train=train, metrics=train_metrics)
+    return entry
+
+
 def collect_runs(ph: Phase, plans: dict[str, RunPlan], results: Results) -> dict:
-    """Per own run: bench summaries recomputed from records, training metrics and summary."""
+    """Per own run: bench summaries recomputed from records, training metrics and summary (trained runs)."""
     out = {}
     for run, plan in plans.items():
         bench = {ds: bench_summary(results.stage_dir("bench", key)) for ds, key in plan.bench.items()}
-        tdir = results.stage_dir("train", plan.keys["train"])
-        out[run] = {"kind": "run", "config": ph.runs.get(run, {}), "bench": bench, "bench_keys": dict(plan.bench),
-                    "train_key": plan.keys["train"], "train": json.loads((tdir / "summary.json").read_text()),
-                    "metrics": read_jsonl(tdir / "metrics.jsonl")}
+        key = plan.keys.get("train")
+        if key is None:
+            out[run] = run_entry(ph.runs.get(run, {}), bench, plan.bench)
+            continue
+        tdir = results.stage_dir("train", key)
+        out[run] = run_entry(ph.runs.get(run, {}), bench, plan.bench, key,
+                             json.loads((tdir / "summary.json").read_text()), read_jsonl(tdir / "metrics.jsonl"))
     return out
 
 
@@ -157,13 +173,13 @@ def speedup_table(data: dict) -> list[dict]:
     for run, r in data.items():
         for ds, s in r["bench"].items():
             if r["kind"] == "run":
-                rows.append({"run": run, "dataset": ds, "speedup_decode_only": _r(s.get("speedup_decode_only")),
-                             "speedup_e2e": _r(s.get("speedup_e2e")), "tpot_dflash_ms": _r(s.get("tpot_dflash_ms")),
-                             "tpot_baseline_ms": _r(s.get("tpot_baseline_ms")), "lossless": s.get("lossless"),
+                rows.append({"run": run, "dataset": ds, **{c: _r(s.get(c)) for c in SPEED_VALUES},
+                             "lossless": s.get("lossless"), "diverged": s.get("diverged"),
                              "n_requests": s["n_requests"], "backend": s["backend"], "hardware": s["hardware"],
                              "temperature": s["temperature"], "source": f"bench/{r['bench_keys'][ds]}"})
-            elif s.get("speedup_decode_only") is not None or s.get("speedup_e2e") is not None:
-                rows.append({"run": run, "dataset": ds, "speedup_decode_only": _r(s.get("speedup_decode_only")),
+            elif s.get("speedup_decode_zlab") is not None or s.get("speedup_e2e") is not None:
+                # a published run: its decode-only speedup as its source defines it (not z-lab's clock)
+                rows.append({"run": run, "dataset": ds, "speedup_decode_only": _r(s.get("speedup_decode_zlab")),
                              "speedup_e2e": _r(s.get("speedup_e2e")), "backend": s["backend"],
                              "temperature": s["temperature"], "source": r["line"].source})
     return rows
@@ -178,7 +194,7 @@ def planned_global_batch(run: dict) -> int:
 def training_table(data: dict) -> list[dict]:
     rows = []
     for run, r in data.items():
-        if r["kind"] != "run":
+        if r["kind"] != "run" or r["train_key"] is None:
             continue
         t, res = r["train"], r["config"]["resources"].get("train", {})
         gpus = 0 if t["device"] == "cpu" else (res.get("gpus", 0) * res.get("nodes", 1) or t.get("world_size", 1))
@@ -293,14 +309,15 @@ def figures(ph: Phase, data: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     own = {run: r for run, r in data.items() if r["kind"] == "run"}
+    trained = {run: r for run, r in own.items() if r["train_key"] is not None}
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for run, r in own.items():
+    for run, r in trained.items():
         steps = [m["step"] for m in r["metrics"]]
         ax1.plot(steps, [m["loss"] for m in r["metrics"]], label=run)
         ax2.plot(steps, [m["acc"] for m in r["metrics"]], label=run)
     ax1.set(xlabel="step", ylabel="loss", title="training loss")
     ax2.set(xlabel="step", ylabel="accuracy", title="block accuracy")
-    if own:
+    if trained:
         ax1.legend(fontsize="small")
     _save(fig, out / "loss.png")
 
@@ -412,6 +429,12 @@ def markdown(ph: Phase, data: dict, t: dict[str, list[dict]]) -> str:
         "## Acceptance length (tau, includes the bonus token) against references",
         _md_table(_wide_tau(ph, data, comps), ["", "source", *datasets, *aggs, "datasets"]),
     ]
+    published = {run: r["config"]["drafter"]["pretrained"] for run, r in data.items()
+                 if r["kind"] == "run" and r["train_key"] is None}
+    if published:
+        parts.append("Runs with a published drafter (`drafter.pretrained`: benched as published, not trained here; "
+                     "the bench provenance records its files' sha256 and, for a hub id, the commit): " + "; ".join(
+                         f"`{run}` = `{ref}`" for run, ref in published.items()) + ".")
     if ext:
         parts.append("External runs (published elsewhere, shown as runs): " + "; ".join(
             f"`{run}` = {r['line'].label} [source `{r['line'].source}`]" for run, r in ext.items()) + ".")
@@ -431,12 +454,22 @@ def markdown(ph: Phase, data: dict, t: dict[str, list[dict]]) -> str:
         _md_table(t["tau"], ["run", "dataset", "tau", "tau_token_weighted", "n_requests", "backend", "hardware",
                              "temperature", "source"]),
         "## Speedup (batch 1)",
-        _md_table(t["speedup"], ["run", "dataset", "speedup_decode_only", "speedup_e2e", "tpot_dflash_ms",
-                                 "tpot_baseline_ms", "lossless", "hardware", "source"]),
+        "`speedup_decode_zlab`: decode-only speedup with z-lab's timing (as z-lab's benchmark and README): mean "
+        "target-only time per output token over mean DFlash time per output token, each request's clock restarted "
+        "after the drafter's first pass over the prompt (the baseline's after its prefill), over its n output "
+        "tokens; `tpot_*_zlab_ms` are those means. `speedup_decode_only`: the project's earlier timing (clock from "
+        "the end of the target's prefill, n - 1 tokens). `speedup_e2e` includes prefill. `diverged`: requests whose "
+        "output differs from the target-only output at temperature 0 (each record holds both token sequences, the "
+        "first differing position and the target's top-2 logit gap there). Empty z-lab cells: records without "
+        "that clock (written before it was recorded, or by SGLang). Published (external) runs show their source's "
+        "decode-only speedup, as it defines it, under `speedup_decode_only`.",
+        _md_table(t["speedup"], ["run", "dataset", "speedup_decode_zlab", "tpot_dflash_zlab_ms",
+                                 "tpot_baseline_zlab_ms", "speedup_decode_only", "speedup_e2e", "lossless",
+                                 "diverged", "backend", "hardware", "source"]),
         "## Training",
         _md_table(t["training"], ["run", "steps", "schedule_steps", "global_batch", "planned_global_batch", "samples",
                                   "epochs", "final_loss", "final_acc", "samples_per_s", "wall_s", "gpu_hours",
-                                  "device"]),
+                                  "device"]) if t["training"] else "No run of this phase trains its drafter.",
         "## Figures",
         "\n\n".join(f"![{f.removesuffix('.png')}](figures/{f})" for f in FIGURES),
     ]

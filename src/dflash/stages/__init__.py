@@ -10,14 +10,23 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from dflash.plan import pretrained
+
 
 def _all(run: dict) -> bool:
     return True
 
 
+def trained(run: dict) -> bool:
+    """Whether the run trains its drafter (False: `drafter.pretrained` names a published one, benched as it is)."""
+    return "pretrained" not in run["drafter"]
+
+
 def _engine_options(section: dict) -> dict:
-    """A `bench` / `regenerate` section as its stage reads it: the `sglang` options count only with engine sglang."""
-    return section if section["engine"] == "sglang" else {**section, "sglang": {}}
+    """A `bench` / `regenerate` section as its stage reads it: the `sglang` options count only with engine sglang,
+    the `fast` ones (bench) only with engine fast; without it they are left out, as before they existed."""
+    out = {k: v for k, v in section.items() if k != "fast" or section["engine"] == "fast"}
+    return out if section["engine"] == "sglang" else {**out, "sglang": {}}
 
 
 def data_parallel(train_resources: dict) -> int:
@@ -31,13 +40,22 @@ def data_parallel(train_resources: dict) -> int:
 class Stage:
     name: str
     version: int                 # bump when the stage's code changes what it writes: its key and all below change
-    upstream: tuple[str, ...]    # "a|b": the first of a, b that the run plans
+    upstream: tuple[str, ...]    # "a|b": the first of a, b that the run plans; "a?": a if planned, else none
     reads: str                   # the config a key hashes (docs)
     output: str                  # what the directory holds (docs)
     select: Callable             # (run, phase, dataset) -> the config subset the key hashes
     when: Callable = _all        # (run) -> whether the run plans this stage
     per_dataset: bool = False    # one instance per dataset entry of the phase
     threads: int = 1             # CPU threads of the job (GPU stages: see resources)
+
+    def reads_from(self) -> set[str]:
+        """Every stage name its upstream entries mention."""
+        return {name for entry in self.upstream for name in alternatives(entry)}
+
+
+def alternatives(entry: str) -> list[str]:
+    """The stage names of one upstream entry, in order of preference."""
+    return entry.removesuffix("?").split("|")
 
 
 def _prepare(run: dict, phase, ds=None) -> dict:
@@ -47,26 +65,35 @@ def _prepare(run: dict, phase, ds=None) -> dict:
     return {"data": data}
 
 
+def _bench(run: dict, phase, ds=None) -> dict:
+    config = {"bench": _engine_options(run["bench"]), "dataset": ds}
+    if not trained(run):
+        config["drafter"] = pretrained.identity(run["drafter"]["pretrained"])
+    return config
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("target", 1, (), "`target`", "model + tokenizer (or a pointer to a local path / hub id)",
           lambda run, phase, ds=None: {"target": run["target"]}, threads=2),
     Stage("prepare", 1, (), "`data` (+ the phase's datasets, to drop benchmark prompts)", "`conversations.jsonl`",
-          _prepare),
+          _prepare, when=trained),
     Stage("regenerate", 1, ("prepare", "target"), "`regenerate`",
           "`conversations.jsonl` with the target's answers",
           lambda run, phase, ds=None: {"regenerate": _engine_options(run["regenerate"])},
-          when=lambda run: run["regenerate"]["enabled"], threads=2),
+          when=lambda run: trained(run) and run["regenerate"]["enabled"], threads=2),
     Stage("tokenize", 1, ("regenerate|prepare", "target"), "`tokenize`",
-          "`tokens.pt` with the assistant-only loss mask", lambda run, phase, ds=None: {"tokenize": run["tokenize"]}),
+          "`tokens.pt` with the assistant-only loss mask", lambda run, phase, ds=None: {"tokenize": run["tokenize"]},
+          when=trained),
     Stage("train", 1, ("tokenize", "target"), "`drafter`, `train`, the layout's data-parallel size",
           "`drafter.pt`, `metrics.jsonl`, `summary.json`",
           lambda run, phase, ds=None: {"drafter": run["drafter"], "train": run["train"],
-                                       "data_parallel": data_parallel(run["resources"].get("train", {}))}),
+                                       "data_parallel": data_parallel(run["resources"].get("train", {}))},
+          when=trained),
     Stage("convert", 1, ("train",), "`convert`", "`model.safetensors` + `config.json` (z-lab / SGLang format)",
-          lambda run, phase, ds=None: {"convert": run["convert"]}),
-    Stage("bench", 1, ("convert", "target"), "`bench`, one dataset entry",
-          "`records.jsonl` (raw, per request), `summary.json`",
-          lambda run, phase, ds=None: {"bench": _engine_options(run["bench"]), "dataset": ds}, per_dataset=True),
+          lambda run, phase, ds=None: {"convert": run["convert"]}, when=trained),
+    Stage("bench", 1, ("convert?", "target"),
+          "`bench`, one dataset entry (`drafter.pretrained`: its files' sha256, or hub id and revision)",
+          "`records.jsonl` (raw, per request), `summary.json`", _bench, per_dataset=True),
 )
 # One per phase, over every run's train and bench stages; its directory is results/reports/<phase>/.
 REPORT = Stage("report", 1, ("train", "bench"), "the phase", "`results/reports/<phase>/`",
@@ -80,8 +107,14 @@ NAMES = tuple(s.name for s in STAGES)
 def markdown_table() -> str:
     """The README's stage table."""
     rows = ["| stage | reads | upstream | output |", "|---|---|---|---|"]
+    def entry(u: str) -> str:
+        first, *rest = alternatives(u)
+        if u.endswith("?"):
+            return f"{first} (if planned)"
+        return first + "".join(f" (or {r})" for r in rest)
+
     for s in (*STAGES, REPORT):
-        up = ", ".join(u.replace("|", " (or ") + (")" if "|" in u else "") for u in s.upstream) or "-"
+        up = ", ".join(entry(u) for u in s.upstream) or "-"
         if s is REPORT:
             up = "every bench and train of the phase"
         rows.append(f"| {s.name} | {s.reads} | {up} | {s.output} |")

@@ -1,9 +1,14 @@
 """bench: one dataset through a spec-decode engine (and the target-only baseline), as per-request records.
 
-`records.jsonl` holds one line per (prompt, turn): dataset, prompt id, turn, accepted length per step, token counts,
-prefill/decode times, the baseline's, and whether the output equals the baseline's (lossless check at T=0).
-`summary.json` holds the metrics computed from those records, labelled with backend, hardware, temperature and n.
-Engines: `hf` (the eager HF loop, `dflash.decoding.hf`) and `sglang` (a DFLASH server and a target-only server).
+`records.jsonl` holds one line per (prompt, turn): dataset, prompt id, turn, the output token ids, accepted length
+per step, token counts, times (prefill; decode from the end of prefill, the project's clock; the drafter's first
+pass; decode from the end of that pass, z-lab's clock), the baseline's, and at T=0 whether the output equals the
+baseline's, with the first differing position and the target's top-2 logit gap there when it does not.
+`summary.json` holds the metrics computed from those records (`dflash.decoding.metrics`), labelled with backend,
+hardware, temperature and n, and the engine's warm-up and graph-capture time (outside every timed region).
+Engines: `hf` (the eager HF loop) and `fast` (static caches, CUDA graphs on a GPU), both `dflash.decoding.engine`;
+`sglang` (a DFLASH server and a target-only server). The drafter is the convert stage's output or, for a run with
+`drafter.pretrained`, the directory it names (a hub id is fetched into the HF cache).
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ from dflash.data import chat
 from dflash.data.benchmarks import load_prompts
 from dflash.decoding import metrics
 from dflash.decoding import sglang as sg
-from dflash.decoding.hf import dflash_generate, target_generate
-from dflash.modeling.drafter import DFlashDrafter
+from dflash.decoding.engine import Engine
+from dflash.errors import InputError
+from dflash.modeling.drafter import DFlashDrafter, pretrained_dir
 from dflash.modeling.target import load_target, load_tokenizer, model_path
 
 
@@ -37,69 +43,113 @@ def _device(choice: str) -> str:
 
 def hardware(device: str, count: bool = False) -> str:
     """The device's name (`count`: prefixed with the number of visible GPUs, for servers that may use several)."""
-    if device != "cuda" or not torch.cuda.is_available():          # an SGLang server on a machine we cannot see
+    if device != "cuda":
         return platform.machine() + " cpu"
+    if not torch.cuda.is_available():            # SGLang servers may see GPUs this process does not
+        return "cuda (not visible to the client)"
     return (f"{torch.cuda.device_count()}x " if count else "") + torch.cuda.get_device_name()
+
+
+def drafter_location(ctx) -> tuple[Path, dict[str, str], dict]:
+    """(drafter directory, {input: sha256} to record, what it is): the convert stage's output, or the directory a
+    pretrained run names (checked against the checksums its key hashes)."""
+    if "drafter" not in ctx.config:
+        return Path(ctx.upstream["convert"]), {}, {"convert": Path(ctx.upstream["convert"]).name}
+    directory, inputs, info = pretrained_dir(ctx.run["drafter"]["pretrained"])
+    want = ctx.config["drafter"].get("files")
+    got = {label.rpartition("/")[2]: digest for label, digest in inputs.items()}
+    if want is not None and got != want:
+        raise InputError(f"bench: {directory}: the drafter files changed since this stage was planned (sha256 "
+                         "differs from its key); plan again")
+    return directory, inputs, info
 
 
 def run(ctx) -> dict:
     bc, ds = ctx.config["bench"], ctx.config["dataset"]
+    if bc["engine"] == "sglang":
+        sg.require_sglang()
     prompts, meta = load_prompts(ds)
-    engine = _sglang_records if bc["engine"] == "sglang" else _hf_records
-    records, info = engine(bc, ds, prompts, ctx.upstream, ctx.out, ctx.log)
+    drafter_dir, drafter_inputs, drafter_info = drafter_location(ctx)
+    engine = _sglang_records if bc["engine"] == "sglang" else _local_records
+    records, info = engine(bc, ds, prompts, Path(ctx.upstream["target"]), drafter_dir, ctx.out, ctx.log)
     with open(ctx.out / "records.jsonl", "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
     summary = metrics.summarize(records, info["block_size"])
-    summary.update({"dataset": ds["name"], "temperature": bc["temperature"], **info, "prompt_ids": meta["ids"],
-                    "source": meta["source"]})
+    summary.update({"dataset": ds["name"], "temperature": bc["temperature"], **info, "drafter": drafter_info,
+                    "prompt_ids": meta["ids"], "source": meta["source"]})
     (ctx.out / "summary.json").write_text(json.dumps(summary, indent=1))
     lossless = summary.get("lossless")
     ctx.log(f"bench {ds['name']} ({info['backend']}): n={summary['n_requests']} tau {summary['tau_macro']:.3f} "
-            f"(token-weighted {summary['tau_token']:.3f}) speedup {summary.get('speedup_decode_only')} "
-            f"lossless {lossless}")
+            f"(token-weighted {summary['tau_token']:.3f}) decode-only speedup {summary.get('speedup_decode_zlab')} "
+            f"(z-lab timing), {summary.get('speedup_decode_only')} (project timing) lossless {lossless}")
     if bc["temperature"] == 0 and bc["baseline"] and not lossless and info.get("dtype") == "float32":
         # in fp32 a mismatch is a bug; in bf16 a batched verify may round differently, so it is only recorded
-        bad = [r["prompt_id"] for r in records if not r.get("lossless", True)]
-        raise AssertionError(f"bench {ds['name']}: spec-decode output differs from target greedy output for {bad}")
+        bad = {f"{r['prompt_id']}/{r['turn']}": r.get("mismatch") for r in records if not r.get("lossless", True)}
+        raise AssertionError(f"bench {ds['name']}: spec-decode output differs from target greedy output: {bad}")
     inputs = {meta["source"]: meta["sha256"]} if meta.get("sha256") else {}
-    return {"inputs": inputs, "summary": {k: v for k, v in summary.items() if k != "prompt_ids"}}
+    return {"inputs": {**inputs, **drafter_inputs},
+            "summary": {k: v for k, v in summary.items() if k != "prompt_ids"}}
 
 
-# ---------------------------------------------------------------------------------------------- HF engine
+def check_lossless(rec: dict, prompt_ids: list[int], out: list[int], base: list[int], top2=None) -> None:
+    """Set `lossless` on a T=0 record; where the output differs from the baseline's, `mismatch` locates the first
+    difference (and, given `top2(ids)`, the target's two best tokens and their logit gap after the common prefix)."""
+    i = metrics.first_difference(out, base)
+    rec["lossless"] = i is None
+    if i is not None:
+        rec["mismatch"] = {"position": i, "dflash_token": out[i] if i < len(out) else None,
+                           "baseline_token": base[i] if i < len(base) else None,
+                           **(top2(prompt_ids + base[:i]) if top2 else {})}
 
 
-def _hf_records(bc: dict, ds: dict, prompts, upstream: dict[str, Path], out: Path, log) -> tuple[list[dict], dict]:
+# ---------------------------------------------------------------------------------------------- local engines
+
+
+def _local_records(bc: dict, ds: dict, prompts, target_dir: Path, drafter_dir: Path, out: Path,
+                   log) -> tuple[list[dict], dict]:
+    """Engines `hf` and `fast`: every (prompt, turn) through DFlash, then the baseline on the same prompt ids;
+    later turns see the DFlash answers."""
     device = _device(bc["device"])
     dtype = getattr(torch, bc["dtype"])
-    target, tokenizer = load_target(upstream["target"], device, dtype)
-    drafter = DFlashDrafter.load(upstream["convert"], device, dtype)
+    target, tokenizer = load_target(target_dir, device, dtype)
+    drafter = DFlashDrafter.load(drafter_dir, device, dtype)
+    drafter.config.check_target(target.config, str(drafter_dir / "config.json"))
     eos = {tokenizer.eos_token_id} | set(_as_list(getattr(target.generation_config, "eos_token_id", None)))
     bs = bc["block_size"] or drafter.config.block_size
+    n_new, temp = bc["max_new_tokens"], bc["temperature"]
+    compiled = bool(bc.get("fast", {}).get("compile"))
+    engine = Engine(bc["engine"], target, drafter, bs, compile=compiled)
     gen = torch.Generator(device=device).manual_seed(bc["seed"])
-    warm = chat.prompt_ids(tokenizer, chat.messages([("user", prompts[0].turns[0])], bc["system_prompt"]),
-                           bc["enable_thinking"])
-    dflash_generate(target, drafter, warm, 8, eos, 0.0, bs)          # warm-up, not recorded
-    target_generate(target, warm, 8, eos)
+
+    def prompt_ids(history) -> list[int]:
+        return chat.prompt_ids(tokenizer, chat.messages(history, bc["system_prompt"]), bc["enable_thinking"])
+
+    first = [prompt_ids([("user", p.turns[0])]) for p in prompts]
+    warmup_s = engine.warm_up(first[0], max(map(len, first)) + n_new)
     records = []
     for p in prompts:
         history = []
         for turn, text in enumerate(p.turns):
             history.append(("user", text))
-            ids = chat.prompt_ids(tokenizer, chat.messages(history, bc["system_prompt"]), bc["enable_thinking"])
-            g = dflash_generate(target, drafter, ids, bc["max_new_tokens"], eos, bc["temperature"], bs, gen)
+            ids = prompt_ids(history)
+            engine.prepare(len(ids) + n_new, headroom=n_new)     # a later turn may need longer caches: not timed
+            g = engine.dflash(ids, n_new, eos, temp, gen)
             rec = {"dataset": ds["name"], "prompt_id": p.id, "turn": turn, "prompt_tokens": len(ids),
                    "n_tokens": len(g.tokens), "accept_lengths": g.accept_lengths, "prefill_s": g.prefill_s,
-                   "decode_s": g.decode_s}
+                   "decode_s": g.decode_s, "draft_prefill_s": g.draft_prefill_s, "decode_s_zlab": g.decode_s_zlab,
+                   "tokens": g.tokens}
             if bc["baseline"]:
-                b = target_generate(target, ids, bc["max_new_tokens"], eos, bc["temperature"], gen)
-                rec["baseline"] = {"n_tokens": len(b.tokens), "prefill_s": b.prefill_s, "decode_s": b.decode_s}
-                if bc["temperature"] == 0:
-                    rec["lossless"] = b.tokens == g.tokens
+                b = engine.target_generate(ids, n_new, eos, temp, gen)
+                rec["baseline"] = {"n_tokens": len(b.tokens), "prefill_s": b.prefill_s, "decode_s": b.decode_s,
+                                   "decode_s_zlab": b.decode_s_zlab, "tokens": b.tokens}
+                if temp == 0:
+                    check_lossless(rec, ids, g.tokens, b.tokens, engine.top2)
             records.append(rec)
             history.append(("assistant", tokenizer.decode(g.tokens, skip_special_tokens=True)))
-    return records, {"backend": "hf", "device": device, "hardware": hardware(device), "block_size": bs,
-                     "dtype": bc["dtype"]}
+    return records, {"backend": bc["engine"], "device": device, "hardware": hardware(device), "block_size": bs,
+                     "dtype": bc["dtype"], "cuda_graphs": engine.graphs, "compiled": compiled,
+                     "warmup_s": warmup_s, "capture_s": engine.capture_s, "captures": engine.captures}
 
 
 def _as_list(x) -> list:
@@ -147,19 +197,18 @@ def _warm_up(url: str, text: str, concurrency: int, timeout_s: float) -> None:
     sg.flush_cache(url)
 
 
-def _sglang_records(bc: dict, ds: dict, prompts, upstream: dict[str, Path], out: Path,
+def _sglang_records(bc: dict, ds: dict, prompts, target_dir: Path, drafter_dir: Path, out: Path,
                     log) -> tuple[list[dict], dict]:
     """The DFlash server, then (bench.baseline) the target-only server on exactly the same prompt texts."""
-    sg.require_sglang()
     opt = sg.options(bc, 1)
-    tokenizer = load_tokenizer(upstream["target"])
-    path, local = model_path(upstream["target"])
+    tokenizer = load_tokenizer(target_dir)
+    path, local = model_path(target_dir)
+    draft = drafter_dir.resolve()
     if local:
         scratch = Path(tempfile.mkdtemp(prefix="dflash-sglang-"))       # not in the output: never hashed
         atexit.register(shutil.rmtree, scratch, True)
         path = sg.served_target(Path(path), scratch)
-        sg.check_draft(upstream["convert"], json.loads((Path(path) / "config.json").read_text())["num_hidden_layers"])
-    draft = Path(upstream["convert"]).resolve()
+        sg.check_draft(draft, json.loads((Path(path) / "config.json").read_text())["num_hidden_layers"])
     bs = bc["block_size"] or int(json.loads((draft / "config.json").read_text())["block_size"])
     base_spec = sg.ServerSpec(model_path=str(path), tp_size=int(opt["tp_size"]),
                               dtype=sg.served_dtype(opt["dtype"] or bc["dtype"]), seed=int(bc["seed"]),
@@ -207,13 +256,17 @@ def _sglang_records(bc: dict, ds: dict, prompts, upstream: dict[str, Path], out:
             rec = {"dataset": ds["name"], "prompt_id": p.id, "turn": turn, "prompt_tokens": n_prompt,
                    "server_prompt_tokens": c.prompt_tokens, "n_tokens": c.completion_tokens, "accept_lengths": [],
                    "spec_accept_length": c.spec_accept_length, "spec_verify_ct": c.spec_verify_ct,
-                   "server_e2e_s": c.server_e2e_s, "finish_reason": c.finish_reason, **_timing(c)}
+                   "server_e2e_s": c.server_e2e_s, "finish_reason": c.finish_reason, **_timing(c),
+                   **({"tokens": c.output_ids} if c.output_ids is not None else {})}
             if base is not None:
                 b = base[i]
-                rec["baseline"] = {"n_tokens": b.completion_tokens, "server_e2e_s": b.server_e2e_s, **_timing(b)}
+                rec["baseline"] = {"n_tokens": b.completion_tokens, "server_e2e_s": b.server_e2e_s, **_timing(b),
+                                   **({"tokens": b.output_ids} if b.output_ids is not None else {})}
                 if bc["temperature"] == 0:
-                    same_ids = c.output_ids is not None and b.output_ids is not None
-                    rec["lossless"] = c.output_ids == b.output_ids if same_ids else c.text == b.text
+                    if c.output_ids is not None and b.output_ids is not None:
+                        check_lossless(rec, [], c.output_ids, b.output_ids)
+                    else:
+                        rec["lossless"] = c.text == b.text
             records.append(rec)
             i += 1
     if mismatch:

@@ -37,12 +37,14 @@ class Context:
     log: Callable[[str], None] = log
     logging: dict = field(default_factory=dict)     # observability settings (wandb, progress; not in the key)
     registry: Registry | None = None                # the report reads its phase's plans from it
+    run: dict = field(default_factory=dict)         # the full config of a run that uses the instance (bench reads
+                                                    # where a pretrained drafter lives; its key hashes the files)
 
 
 def verify_inputs(results: Results, inst: StageInstance) -> dict[str, str]:
     """Check the output files of the upstream stages this stage reads against the sha256 their provenance records;
     the checksums of what it reads: '<stage>/<key>' (the provenance.json) and '<stage>/<key>/<file>'."""
-    reads = {name for names in BY_NAME[inst.stage].upstream for name in names.split("|")}
+    reads = BY_NAME[inst.stage].reads_from()
     omitted = publish.omitted_files(results.root)          # weights a published tree leaves out
     inputs = {}
     for stage, key in inst.inputs():
@@ -77,8 +79,10 @@ def run(reg: Registry, stage: str, key: str) -> Path:
     inputs = verify_inputs(reg.results, inst)
     upstream = {s: reg.results.stage_dir(s, k) for s, k in inst.upstream.items() if isinstance(k, str)}
     work = reg.results.work_dir(stage, key)
+    run_config = next((reg.phases[p].runs[r] for p, r in inst.users if r in reg.phases[p].runs), {})
+
     def context(out: Path) -> Context:
-        return Context(inst.config, out, upstream, work, log, {**inst.logging, "key": key}, reg)
+        return Context(inst.config, out, upstream, work, log, {**inst.logging, "key": key}, reg, run_config)
 
     if int(os.environ.get("RANK", "0")) != 0:
         scratch = Path(tempfile.mkdtemp(prefix=f"dflash-{stage}-{key}-rank"))
