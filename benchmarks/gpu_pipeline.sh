@@ -68,7 +68,7 @@ one_run() {     # one phase under Snakemake in a fresh results tree, then its au
   local phase=$1 t0=$SECONDS
   rm -rf results/target results/prepare results/regenerate results/tokenize results/train results/convert \
     results/bench results/reports results/phases results/checkpoints results/logs .snakemake
-  snakemake "$phase" --cores "$(nproc)" --resources gpu=2 --config resources_of="$phase" \
+  snakemake "$phase" --cores "$(nproc)" --resources gpu=2 --config resources_of="$phase" --keep-going \
     > "$OUT/$phase.snakemake.log" 2>&1 \
     || { tail -50 "$OUT/$phase.snakemake.log"; tail -50 results/logs/train/*.log; return 1; }
   echo "$phase: snakemake finished in $((SECONDS - t0)) s"
@@ -91,6 +91,11 @@ keys = [{(r["run"], r["stage"], r.get("dataset")): r["key"] for r in json.load(o
          if r["stage"] != "report"} for p in ("smoke_gpu", "smoke_gpu_ray")]
 print("planned stage keys equal (torchrun vs ray):", keys[0] == keys[1], f"({len(keys[0])} stages)")
 EOF
+}
+
+ray() {         # the Ray Train run alone
+  environment
+  one_run smoke_gpu_ray
 }
 
 throughput() {
