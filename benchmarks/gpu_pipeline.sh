@@ -93,7 +93,7 @@ print("planned stage keys equal (torchrun vs ray):", keys[0] == keys[1], f"({len
 EOF
 }
 
-ray() {         # the Ray Train run alone
+ray_run() {     # the Ray Train run alone
   environment
   one_run smoke_gpu_ray
 }
