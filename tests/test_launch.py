@@ -209,7 +209,7 @@ echo "$RANK/$WORLD_SIZE $*" >> {tmp_path}/ranks.out
 def test_launch_run_execs(monkeypatch, capsys):
     class Reg:
         def get(self, stage, key):
-            return type("I", (), {"resources": {"gpus": 8}})()
+            return type("I", (), {"resources_for": lambda self, phase: {"gpus": 8}})()
 
     seen = []
     monkeypatch.setattr(commands, "dflash_exe", lambda: "dflash")

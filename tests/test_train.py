@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -143,19 +144,37 @@ def test_wandb_offline_run_holds_the_metrics_and_the_stage_identity(work_repo):
     prov = json.loads((work_repo / "results" / "train" / key / "provenance.json").read_text())
     run_dir = work_repo / prov["summary"]["wandb_run_dir"]
     assert run_dir.is_dir() and run_dir.name.startswith("offline-run-") and run_dir.name.endswith(f"train-{key}")
-    config = yaml.safe_load((run_dir / "files" / "config.yaml").read_text())
-    assert (config["stage_key"]["value"], config["phase"]["value"], config["run"]["value"]) == (key, "logged", "main")
-    from wandb.sdk.internal.datastore import DataStore
+    config, logged = {}, []
+    for rec in _wandb_records(next(run_dir.glob("*.wandb"))):
+        kind = rec.WhichOneof("record_type")
+        if kind == "run":
+            config.update({item.key: json.loads(item.value_json) for item in rec.run.config.update})
+        elif kind == "history":
+            logged.append({item.key or ".".join(item.nested_key): json.loads(item.value_json)
+                           for item in rec.history.item})
+    assert (config["stage_key"], config["phase"], config["run"]) == (key, "logged", "main")
+    assert [h["_step"] for h in logged] == [1, 2, 3, 4] and all("loss" in h and "lr" in h for h in logged)
 
-    store = DataStore()
-    store.open_for_scan(str(next(run_dir.glob("*.wandb"))))
-    logged = []
-    while (data := store.scan_data()) is not None:
-        from wandb.proto import wandb_internal_pb2
 
-        rec = wandb_internal_pb2.Record()
-        rec.ParseFromString(data)
-        if rec.WhichOneof("record_type") == "history":
-            logged.append({item.key: item.value_json for item in rec.history.item})
-    steps = [json.loads(h["_step"]) for h in logged]
-    assert steps == [1, 2, 3, 4] and all("loss" in h and "lr" in h for h in logged)
+def _wandb_records(path: Path) -> list:
+    """The protobuf records of a .wandb file (a LevelDB-style log: 32 KiB blocks, 7-byte record headers)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block = path.read_bytes(), 32768
+    assert data[:4] == b":W&B"
+    pos, out, buf = 7, [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        if kind == 0:
+            break
+        buf += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):                          # a whole record, or the last piece of one
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(buf)
+            out.append(rec)
+            buf = b""
+    return out
