@@ -189,6 +189,17 @@ def test_chat_template_keeps_reasoning_after_last_user(tok):
     assert text == ONE_TURN_TEXT + "<think>\nadd\n</think>\n\n4<|im_end|>\n"
 
 
+def test_chat_template_gives_a_final_answer_an_empty_think_block(tok):
+    """As Qwen3's template: the last assistant turn without reasoning starts with an empty think block (so a training
+    conversation renders as the thinking-off prompt plus the answer); earlier turns keep only their answer."""
+    messages = [*ONE_TURN, {"role": "assistant", "content": "4"}]
+    text = tok.apply_chat_template(messages, tokenize=False, enable_thinking=False)
+    prompt = tok.apply_chat_template(ONE_TURN, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    assert text == prompt + "4<|im_end|>\n" == ONE_TURN_TEXT + NO_THINK + "4<|im_end|>\n"
+    two = [*messages, {"role": "user", "content": "And 3+3?"}, {"role": "assistant", "content": "6"}]
+    assert tok.apply_chat_template(two, tokenize=False).count(NO_THINK) == 1
+
+
 def test_rendered_special_tokens_are_single_ids(tok):
     text = tok.apply_chat_template(TWO_TURN, tokenize=False, add_generation_prompt=True, enable_thinking=False)
     ids = encode(tok, text)

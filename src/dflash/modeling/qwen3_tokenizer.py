@@ -37,9 +37,11 @@ SPECIAL_IDS = {token: NUM_RANKS + i for i, token in enumerate(_ADDED)}
 # repo/file and think tokens are plain added tokens (special=False), so skip_special_tokens keeps them.
 _SPECIAL = frozenset(t for t in _ADDED if SPECIAL_IDS[t] <= SPECIAL_IDS["<|video_pad|>"])
 
-# ChatML. Assistant turns before the last user message lose their `<think>...</think>` part (Qwen3 keeps only
-# the text after the last `</think>`); later assistant turns are rendered verbatim. No tools / reasoning_content.
-# enable_thinking=False (explicit) pre-fills an empty think block after the generation prompt.
+# ChatML with Qwen3's think handling (no tools / reasoning_content): an assistant turn's `<think>...</think>` part is
+# split off; turns before the last user message keep only the answer; after it, the last turn (and any with
+# reasoning) is rendered `<think>\n{reasoning}\n</think>\n\n{answer}`, so a plain final answer gets an empty think
+# block, as Qwen3's template does. enable_thinking=False (explicit) pre-fills that empty block after the generation
+# prompt.
 CHAT_TEMPLATE = r"""
 {%- set ns = namespace(last_user=-1) -%}
 {%- for message in messages -%}
@@ -47,8 +49,15 @@ CHAT_TEMPLATE = r"""
 {%- endfor -%}
 {%- for message in messages -%}
     {%- set content = message.content if message.content is string else '' -%}
-    {%- if message.role == 'assistant' and loop.index0 < ns.last_user and '</think>' in content -%}
-        {%- set content = content.split('</think>')[-1].lstrip('\n') -%}
+    {%- if message.role == 'assistant' -%}
+        {%- set reasoning = '' -%}
+        {%- if '</think>' in content -%}
+            {%- set reasoning = content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') -%}
+            {%- set content = content.split('</think>')[-1].lstrip('\n') -%}
+        {%- endif -%}
+        {%- if loop.index0 > ns.last_user and (loop.last or reasoning) -%}
+            {%- set content = '<think>\n' + reasoning.strip('\n') + '\n</think>\n\n' + content -%}
+        {%- endif -%}
     {%- endif -%}
     {{- '<|im_start|>' + message.role + '\n' + content + '<|im_end|>\n' -}}
 {%- endfor -%}
