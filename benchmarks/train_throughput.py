@@ -71,7 +71,6 @@ def run_config(seq: int, anchors: int, fused: bool, steps: int, warmup: int, wor
     ids = torch.randint(0, c.vocab_size - 100, (1, seq), generator=gen).to(dev)
     lmask = torch.zeros(1, seq, dtype=torch.bool, device=dev)
     lmask[:, seq // 8:] = True                                    # prompt then response
-    lens = torch.tensor([seq], device=dev)
     feats = torch.randn(1, seq, 5 * c.hidden_size, device=dev, dtype=torch.bfloat16)
     from torch._dynamo.utils import counters
 
@@ -84,7 +83,7 @@ def run_config(seq: int, anchors: int, fused: bool, steps: int, warmup: int, wor
         ev = [torch.cuda.Event(enable_timing=True) for _ in range(6)]
         t0 = time.perf_counter()
         ev[0].record()
-        a, keep = objective.sample_anchors(lmask, anchors, c.block_size, gen, lens)
+        a, keep = objective.sample_anchors(lmask, anchors, gen)
         blocks = objective.build_blocks(ids, lmask, a, keep, c.block_size, c.mask_token_id, 7.0)
         block_emb = embed(blocks.input_ids)
         positions = torch.cat([torch.arange(seq, device=dev)[None], blocks.positions], 1)

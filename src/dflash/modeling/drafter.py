@@ -23,6 +23,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from dflash.errors import DataError
 from dflash.plan import pretrained
+from dflash.plan.config import check_mask_id
 
 
 def build_target_layer_ids(num_target_layers: int, n: int) -> list[int]:
@@ -130,7 +131,9 @@ class DrafterConfig:
         if max(ids) >= t.num_hidden_layers or len(set(ids)) != len(ids):
             raise ValueError(f"drafter.target_layer_ids: {ids} must be distinct layers of the "
                              f"{t.num_hidden_layers}-layer target")
-        if not 0 <= mask_token_id < t.vocab_size:
+        if drafter_cfg.get("mask_token_id") is not None:
+            check_mask_id(mask_token_id, t.vocab_size, "drafter")
+        elif not 0 <= mask_token_id < t.vocab_size:
             raise ValueError(f"drafter.mask_token: id {mask_token_id} is outside the target's {t.vocab_size} "
                              "embedding rows")
         rope = getattr(t, "rope_theta", None) or (getattr(t, "rope_parameters", None) or {}).get("rope_theta", 1e6)

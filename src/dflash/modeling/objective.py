@@ -13,16 +13,16 @@ import torch
 import torch.nn.functional as F
 
 
-def sample_anchors(loss_mask: torch.Tensor, num_anchors: int, block_size: int, generator: torch.Generator,
-                   lengths: torch.Tensor | None = None):
+def sample_anchors(loss_mask: torch.Tensor, num_anchors: int, generator: torch.Generator):
     """(anchors, keep), both (B, N): N anchor slots per row sampled uniformly without replacement from positions p
-    whose loss mask is set and that leave room for a whole block (p + block_size <= the row's length). Slots beyond the
-    number of valid positions get keep=False (and anchor 0)."""
+    where the loss mask is set at p and at p + 1, as SpecForge's current DFlash trainer samples them
+    (specforge/algorithms/common/dflash_family_model.py, `_sample_anchor_positions`). A block may run past the end
+    of its row: `build_blocks` gives the positions past the end zero weight. Slots beyond the number of valid
+    positions get keep=False (and anchor 0)."""
     b, s = loss_mask.shape
-    pos = torch.arange(s, device=loss_mask.device)
-    if lengths is None:
-        lengths = torch.full((b,), s, dtype=torch.long, device=loss_mask.device)
-    valid = loss_mask.bool() & (pos[None] + block_size <= lengths[:, None])
+    lm = loss_mask.bool()
+    valid = torch.zeros_like(lm)
+    valid[:, :-1] = lm[:, :-1] & lm[:, 1:]
     score = torch.rand(b, s, generator=generator, device="cpu").to(loss_mask.device)
     score = torch.where(valid, score, torch.full_like(score, -1.0))
     n = min(num_anchors, s)
@@ -47,6 +47,8 @@ class Blocks:
 
 
 def build_blocks(input_ids, loss_mask, anchors, keep, block_size: int, mask_token_id: int, gamma: float) -> Blocks:
+    """Block inputs, positions, labels and weights; label positions past the row (or the padded batch) get weight 0
+    (SpecForge: the same file, `forward`'s weight mask)."""
     b, s = input_ids.shape
     n = anchors.shape[1]
     k = torch.arange(block_size, device=input_ids.device).repeat(n)                     # (N*bs,)

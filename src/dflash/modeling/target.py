@@ -1,4 +1,5 @@
-"""Loading a target from its stage directory (`target.json` says where the model is), and the drafter's mask id."""
+"""Loading a target from its stage directory (`target.json` says where the model is), its embedding size, and the
+drafter's mask id."""
 
 from __future__ import annotations
 
@@ -36,6 +37,22 @@ def load_target(target_dir: Path, device: str = "cpu", dtype: torch.dtype = torc
     for p in model.parameters():
         p.requires_grad_(False)
     return model, tokenizer
+
+
+def embedding_rows(target_dir: Path) -> int:
+    """Rows of the target's input embedding, from its config (a hub target's config.json is fetched)."""
+    from transformers import AutoConfig
+
+    path, local = model_path(target_dir)
+    config = AutoConfig.from_pretrained(path, local_files_only=local)
+    return int(getattr(config, "vocab_size", None) or config.get_text_config().vocab_size)
+
+
+def drafter_mask_id(tokenizer, drafter: dict) -> int:
+    """The drafter's mask id: `drafter.mask_token_id` as given, else the id of `drafter.mask_token`."""
+    if drafter.get("mask_token_id") is not None:
+        return int(drafter["mask_token_id"])
+    return mask_token_id(tokenizer, drafter.get("mask_token"))
 
 
 def mask_token_id(tokenizer, token: str | None = None) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import keyword
 import re
 from dataclasses import dataclass, field
@@ -224,6 +225,8 @@ def load_phase(name: str, phases_dir: Path = PHASES_DIR) -> Phase:
     runs = {}
     for run_name, override in (doc.get("runs") or {"main": {}}).items():
         merged = deep_merge(defaults, override)
+        if (merged.get("target") or {}).get("kind") == "qwen3_offline":
+            merged["target"].setdefault("qwen3_offline", {})     # its section's defaults, for this kind only
         full = fill_defaults(merged, run_schema, schema)
         validate(full, f"{src}: runs.{run_name}", "run")
         _check_run(full, f"{src}: runs.{run_name}")
@@ -241,12 +244,17 @@ def _check_run(run: dict, where: str) -> None:
     needs = {"path": "path", "hub": "hub_id", "gguf": "gguf_file"}
     if t["kind"] in needs and needs[t["kind"]] not in t:
         raise ConfigError(f"{where}.target.{needs[t['kind']]}: required when target.kind is {t['kind']!r}")
-    if t["kind"] == "synthetic" and t["synthetic"]["num_heads"] % t["synthetic"]["num_kv_heads"]:
-        raise ConfigError(f"{where}.target.synthetic.num_kv_heads: must divide num_heads")
+    if t["kind"] in ("synthetic", "qwen3_offline") and t[t["kind"]]["num_heads"] % t[t["kind"]]["num_kv_heads"]:
+        raise ConfigError(f"{where}.target.{t['kind']}.num_kv_heads: must divide num_heads")
     if "pretrained" in run["drafter"]:
         problem = pretrained.problem(run["drafter"]["pretrained"])
         if problem:
             raise ConfigError(f"{where}.drafter.pretrained: {problem}")
+    dr = run["drafter"]
+    if "mask_token" in dr and "mask_token_id" in dr:
+        raise ConfigError(f"{where}.drafter.mask_token_id: give drafter.mask_token or drafter.mask_token_id, not both")
+    if "mask_token_id" in dr:
+        check_mask_id(dr["mask_token_id"], embedding_rows(t), f"{where}.drafter")
     tr = run["train"]
     if tr["min_lr"] > tr["lr"]:
         raise ConfigError(f"{where}.train.min_lr: must be <= train.lr ({tr['lr']})")
@@ -288,6 +296,26 @@ def _check_datasets(datasets: list[dict], where: str) -> None:
         first[name] = i
         if "path" in ds:
             _check_local(ds["path"], f"{where}: datasets.{i}.path")
+
+
+def embedding_rows(target: dict) -> int | None:
+    """The target's embedding rows where they are known without running anything: a qwen3_offline target's
+    `vocab_size`, a local `path` target's config.json; None for the others (synthetic: its trained BPE decides;
+    hub, gguf), whose mask id the first stage that loads the target checks."""
+    if target["kind"] == "qwen3_offline":
+        return target["qwen3_offline"]["vocab_size"]
+    config = Path(target.get("path", "")) / "config.json"
+    if target["kind"] == "path" and config.is_file():
+        cfg = json.loads(config.read_text())
+        return cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size")
+    return None
+
+
+def check_mask_id(mask_id: int, rows: int | None, where: str) -> None:
+    """`drafter.mask_token_id` must be a row of the target's embedding (`where`: the drafter section's location)."""
+    if rows is not None and not 0 <= mask_id < rows:
+        raise ConfigError(f"{where}.mask_token_id: {mask_id} is outside the target's {rows} embedding rows "
+                          f"(ids 0..{rows - 1})")
 
 
 def _check_references(doc: dict, where: str) -> None:

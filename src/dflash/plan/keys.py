@@ -22,8 +22,9 @@ def canonical_json(obj) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
-def stage_key(stage: str, config: dict, upstream: dict) -> str:
-    payload = {"stage": stage, "version": BY_NAME[stage].version, "config": config, "upstream": upstream}
+def stage_key(stage: str, config: dict, upstream: dict, version: int | None = None) -> str:
+    """`version`: the stage's format version (default: the current one; the audit passes the recorded one)."""
+    payload = {"stage": stage, "version": version or BY_NAME[stage].version, "config": config, "upstream": upstream}
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:12]
 
 
@@ -104,7 +105,8 @@ class Registry:
         return self.reports[phase].key
 
 
-def plan_run(phase: Phase, run_name: str, run: dict, results: Results) -> tuple[RunPlan, list[StageInstance]]:
+def plan_run(phase: Phase, run_name: str, run: dict, results: Results,
+             versions: dict[str, int] | None = None) -> tuple[RunPlan, list[StageInstance]]:
     res = run["resources"]
     out: list[StageInstance] = []
     keys: dict[str, str] = {}
@@ -122,7 +124,7 @@ def plan_run(phase: Phase, run_name: str, run: dict, results: Results) -> tuple[
                                  "does not plan")
         for ds in (phase.datasets if st.per_dataset else [None]):
             config = st.select(run, phase, ds)
-            key = stage_key(st.name, config, upstream)
+            key = stage_key(st.name, config, upstream, (versions or {}).get(st.name))
             out.append(StageInstance(st.name, key, config, upstream, res.get(st.name, {}),
                                      results.stage_dir(st.name, key),
                                      {**run["logging"], "phase": phase.name, "run": run_name}))
@@ -133,29 +135,31 @@ def plan_run(phase: Phase, run_name: str, run: dict, results: Results) -> tuple[
     return RunPlan(phase.name, run_name, keys, bench), out
 
 
-def plan_report(phase: Phase, plans: dict[str, RunPlan], results: Results) -> StageInstance:
+def plan_report(phase: Phase, plans: dict[str, RunPlan], results: Results,
+                versions: dict[str, int] | None = None) -> StageInstance:
     runs = {r: p.as_dict() for r, p in plans.items()}
     config = REPORT.select(None, phase)
-    key = stage_key(REPORT.name, config, {"runs": canonical_json(runs)})
+    key = stage_key(REPORT.name, config, {"runs": canonical_json(runs)}, (versions or {}).get(REPORT.name))
     return StageInstance(REPORT.name, key, {**config, "file": phase.file, "chain": phase.chain}, {"runs": runs},
                          {}, results.report_dir(phase.name), users=[(phase.name, "*")])
 
 
-def build(phases: dict[str, Phase], results: Results | None = None) -> Registry:
+def build(phases: dict[str, Phase], results: Results | None = None, versions: dict[str, int] | None = None) -> Registry:
+    """`versions`: stage format versions to key with instead of the current ones (the audit of an older tree)."""
     results = results or Results()
     instances: dict[tuple[str, str], StageInstance] = {}
     plans: dict[str, dict[str, RunPlan]] = {}
     for pname, phase in phases.items():
         plans[pname] = {}
         for rname, run in phase.runs.items():
-            plan, insts = plan_run(phase, rname, run, results)
+            plan, insts = plan_run(phase, rname, run, results, versions)
             plans[pname][rname] = plan
             for inst in insts:
                 shared = instances.setdefault((inst.stage, inst.key), inst)
                 if (pname, rname) not in shared.users:
                     shared.users.append((pname, rname))
                 shared.phase_resources.setdefault(pname, inst.resources)
-    reports = {p: plan_report(phases[p], plans[p], results) for p in phases}
+    reports = {p: plan_report(phases[p], plans[p], results, versions) for p in phases}
     return Registry(phases, instances, plans, reports, results)
 
 

@@ -3,7 +3,8 @@
 `audit(phase)` checks, and lists every mismatch it finds:
 
 * the report: every file against the sha256 in its provenance.json (and no unrecorded file), its key against the key
-  the current phase config gives (else the report is stale), the references table it read;
+  the current phase config gives (else the report is stale; keyed with the stage format versions the tree records,
+  an older tree of an unchanged config is current, with a note), the references table it read;
 * every stage directory in the provenance chain below it, each once: outputs against their sha256, inputs (upstream
   provenance.json files, local data files) against the digests recorded when the stage ran, and its key against
   the hash of the config and upstream keys recorded in its provenance (an edited provenance.json shows here);
@@ -28,9 +29,10 @@ from pathlib import Path
 from dflash.checksums import sha256_file
 from dflash.data import references as refs
 from dflash.data.benchmarks import FAMILIES, family
-from dflash.plan.keys import Registry, RunPlan, stage_key, upstream_pairs
+from dflash.plan.keys import Registry, RunPlan, build, stage_key, upstream_pairs
 from dflash.results import provenance, publish
 from dflash.results import report as rep
+from dflash.stages import BY_NAME, REPORT
 from dflash.stages import NAMES as STAGES
 
 KEY = re.compile(r"^[0-9a-f]{12}$")
@@ -65,6 +67,7 @@ class Result:
     files: int = 0
     cells: int = 0
     omitted: int = 0     # weights a published tree left out, their recorded sha256 listed in its omitted.json
+    notes: list[str] = field(default_factory=list)    # facts that are not mismatches (older format versions)
 
     @property
     def ok(self) -> bool:
@@ -74,7 +77,7 @@ class Result:
         left = f" ({self.omitted} weights files not published, sha256 in {publish.OMITTED})" if self.omitted else ""
         head = (f"audit {self.phase}: {self.dirs} directories, {self.files} files{left}, {self.cells} table cells "
                 "checked: " + ("OK" if self.ok else f"{len(self.problems)} mismatch(es)"))
-        return "\n".join([head, *(f"  {p}" for p in self.problems)])
+        return "\n".join([head, *(f"  note: {n}" for n in self.notes), *(f"  {p}" for p in self.problems)])
 
 
 def _equal(a: str, b: str) -> bool:
@@ -101,6 +104,7 @@ class Auditor:
         self.result = Result(phase)
         self.deps: dict[tuple[str, str], set[tuple[str, str]]] = {}   # stage dir -> every stage dir below it
         self.omitted = publish.omitted_files(self.tree.root)
+        self.versions: dict[str, set[int]] = {}        # stage -> format versions recorded in the tree
 
     def problem(self, path, message: str, rows: list[str] | None = None) -> None:
         self.result.problems.append(Problem(str(path), message, rows or []))
@@ -164,9 +168,10 @@ class Auditor:
             return self.deps[ident]
         if prov.get("stage") != stage or prov.get("key") != key:
             self.problem(d / provenance.PROVENANCE, f"records {prov.get('stage')}/{prov.get('key')}, not {stage}/{key}")
-        elif stage_key(stage, prov["config"], prov["upstream"]) != key:
+        elif stage_key(stage, prov["config"], prov["upstream"], prov.get("version", 1)) != key:
             self.problem(d / provenance.PROVENANCE, "config and upstream keys recorded here do not hash to the "
                                                     f"directory's key {key}: provenance.json was edited")
+        self.versions.setdefault(stage, set()).add(prov.get("version", 1))
         self.check_files(d, prov)
         self.check_inputs(d, prov)
         below = {ident}
@@ -326,15 +331,12 @@ class Auditor:
             return self.result
         prov = provenance.read(out)
         self.result.dirs += 1
-        current = self.reg.report_key(self.phase)
-        if prov.get("key") != current:
-            self.problem(out / provenance.PROVENANCE, f"stale: built for report key {prov.get('key')}, the current "
-                                                      f"config of phase {self.phase} gives {current}")
         self.check_files(out, prov)
         self.check_inputs(out, prov)
         runs = prov.get("upstream", {}).get("runs", {})
         for stage, key in upstream_pairs(prov.get("upstream", {})):
             self.walk(stage, key)
+        self.check_current(out, prov)
         self.check_links(runs)
         data = {**self.recompute_runs(runs)}
         try:
@@ -349,6 +351,25 @@ class Auditor:
             self.problem(out / "tables", "not compared: some runs could not be recomputed (see above)")
         self.affected_rows(expected, runs)
         return self.result
+
+    def check_current(self, out: Path, prov: dict) -> None:
+        """The report's key against the current phase config. A tree whose stages were built by earlier format
+        versions of their code (recorded per directory) is current if the phase config keyed with those versions
+        gives its key: a note names the versions, not a mismatch."""
+        current = self.reg.report_key(self.phase)
+        if prov.get("key") == current:
+            return
+        recorded = {s: v.pop() for s, v in self.versions.items() if len(v) == 1}
+        recorded[REPORT.name] = prov.get("version", 1)
+        older = {s: v for s, v in recorded.items() if v != BY_NAME[s].version}
+        if older and build({self.phase: self.ph}, self.tree, recorded).report_key(self.phase) == prov.get("key"):
+            self.result.notes.append(
+                "built by earlier format versions of " + ", ".join(f"stage {s} ({v}; now {BY_NAME[s].version})"
+                                                                    for s, v in sorted(older.items()))
+                + f": the config of phase {self.phase} is unchanged; rebuilding it would rerun those stages")
+            return
+        self.problem(out / provenance.PROVENANCE, f"stale: built for report key {prov.get('key')}, the current "
+                                                  f"config of phase {self.phase} gives {current}")
 
     def check_links(self, runs: dict[str, dict]) -> None:
         for run, keys in runs.items():

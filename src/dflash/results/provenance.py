@@ -130,10 +130,12 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def record(stage: str, key: str, config: dict, upstream: dict, directory: Path, started: str, inputs: dict,
-           summary: dict, users: list) -> dict:
+def record(stage: str, key: str, version: int, config: dict, upstream: dict, directory: Path, started: str,
+           inputs: dict, summary: dict, users: list) -> dict:
+    """`version`: the stage's format version, part of its key (records without one were written at version 1)."""
     return {
-        "stage": stage, "key": key, "config": config, "upstream": upstream, "users": [list(u) for u in users],
+        "stage": stage, "key": key, "version": version, "config": config, "upstream": upstream,
+        "users": [list(u) for u in users],
         "git": git_state(), "packages": packages(), "host": socket.gethostname(), "devices": devices(),
         "started": started, "ended": now(), "command": command_line(), "inputs": inputs, "summary": summary,
         "outputs": output_checksums(directory),

@@ -84,7 +84,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("tokenize", 1, ("regenerate|prepare", "target"), "`tokenize`",
           "`tokens.pt` with the assistant-only loss mask", lambda run, phase, ds=None: {"tokenize": run["tokenize"]},
           when=trained),
-    Stage("train", 1, ("tokenize", "target"), "`drafter`, `train`, the layout's data-parallel size",
+    # train 2: anchors need the loss mask at p and p + 1 and blocks may run past the row end (SpecForge's rule,
+    # was: room for a whole block); AdamW betas (0.9, 0.999) as SpecForge (was 0.9, 0.95)
+    Stage("train", 2, ("tokenize", "target"), "`drafter`, `train`, the layout's data-parallel size",
           "`drafter.pt`, `metrics.jsonl`, `summary.json`",
           lambda run, phase, ds=None: {"drafter": run["drafter"], "train": run["train"],
                                        "data_parallel": data_parallel(run["resources"].get("train", {}))},

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from dflash.checksums import sha256_file
 from dflash.errors import InputError
+from dflash.modeling.target import embedding_rows
+from dflash.plan.config import check_mask_id
 from dflash.plan.keys import Registry, StageInstance
 from dflash.plan.paths import Results
 from dflash.results import provenance, publish
@@ -68,6 +70,19 @@ def verify_inputs(results: Results, inst: StageInstance) -> dict[str, str]:
     return inputs
 
 
+def check_mask_ids(reg: Registry, inst: StageInstance, upstream: dict[str, Path]) -> None:
+    """Before a stage that loads the target does any work: the `drafter.mask_token_id` of every run that uses this
+    instance must be a row of the target's embedding (the plan checks it already where the target's size is known
+    without running anything)."""
+    given = [(p, r, reg.phases[p].runs[r]["drafter"].get("mask_token_id")) for p, r in inst.users
+             if p in reg.phases and r in reg.phases[p].runs]
+    given = [g for g in given if g[2] is not None]
+    if given and "target" in upstream:
+        rows = embedding_rows(upstream["target"])
+        for phase, run, mask_id in given:
+            check_mask_id(mask_id, rows, f"{reg.phases[phase].file}: runs.{run}.drafter")
+
+
 def module(stage: str):
     return importlib.import_module(f"dflash.stages.{stage}")
 
@@ -80,6 +95,7 @@ def run(reg: Registry, stage: str, key: str) -> Path:
     upstream = {s: reg.results.stage_dir(s, k) for s, k in inst.upstream.items() if isinstance(k, str)}
     work = reg.results.work_dir(stage, key)
     run_config = next((reg.phases[p].runs[r] for p, r in inst.users if r in reg.phases[p].runs), {})
+    check_mask_ids(reg, inst, upstream)
 
     def context(out: Path) -> Context:
         return Context(inst.config, out, upstream, work, log, {**inst.logging, "key": key}, reg, run_config)
@@ -95,6 +111,6 @@ def run(reg: Registry, stage: str, key: str) -> Path:
     with provenance.atomic_dir(inst.dir) as tmp:
         result = module(stage).run(context(tmp)) or {}
         inputs.update(result.get("inputs", {}))
-        provenance.write(tmp, provenance.record(stage, key, inst.config, inst.upstream, tmp, started, inputs,
-                                                result.get("summary", {}), inst.users))
+        provenance.write(tmp, provenance.record(stage, key, BY_NAME[stage].version, inst.config, inst.upstream, tmp,
+                                                started, inputs, result.get("summary", {}), inst.users))
     return inst.dir

