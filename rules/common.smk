@@ -1,10 +1,15 @@
-"""Shared helpers: the stage registry (all phases, validated at parse time) and lookups for the rules."""
+"""Shared helpers: the stage registry (all phases, validated at parse time) and lookups for the rules.
+
+`--config rehearse=1`: the registry holds every phase's rehearsal (`rehearsal/<phase>`, configs/rehearsal.yaml), and
+the target `<phase>` builds the rehearsal's report."""
 
 from dflash.launch.slurm import load_cluster, slurm_resources, stage_resources
 from dflash.plan.keys import canonical_json, load_registry
+from dflash.plan.rehearsal import PREFIX as REHEARSAL
 from dflash.stages import BY_NAME
 
-REG = load_registry()
+REHEARSE = str(config.get("rehearse", "0")).lower() not in ("0", "", "false", "no")
+REG = load_registry(rehearse=REHEARSE)
 PHASES = sorted(REG.phases)
 CLUSTER = load_cluster()
 

@@ -12,8 +12,10 @@ import sys
 from pathlib import Path
 
 from dflash.errors import UserError
-from dflash.plan.keys import load_registry
+from dflash.plan.config import phase_names
+from dflash.plan.keys import load_registry, registry_of
 from dflash.plan.paths import Results
+from dflash.plan.rehearsal import PREFIX as REHEARSAL
 
 USER_ERROR = 2
 USER_ERRORS = (UserError, FileNotFoundError, KeyError)
@@ -50,7 +52,7 @@ def cmd_plan(args) -> int:
 def cmd_stage(args) -> int:
     from dflash.stages import runner
 
-    print(runner.run(load_registry(), args.stage, args.key))
+    print(runner.run(registry_of(args.stage, args.key), args.stage, args.key))
     return 0
 
 
@@ -96,7 +98,7 @@ def cmd_provenance(args) -> int:
 def cmd_launch(args) -> int:
     from dflash.launch import commands
 
-    commands.run(load_registry(), args.stage, args.key)    # replaces this process
+    commands.run(registry_of(args.stage, args.key), args.stage, args.key)    # replaces this process
     return 0
 
 
@@ -129,7 +131,7 @@ def cmd_publish(args) -> int:
 def cmd_gc(args) -> int:
     from dflash.results import gc
 
-    paths, skipped = gc.collect(load_registry())
+    paths, skipped = gc.collect(load_registry(only=[*phase_names(), *(REHEARSAL + p for p in phase_names())]))
     total = 0
     for p in paths:
         n = gc.size(p)

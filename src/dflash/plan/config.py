@@ -157,6 +157,7 @@ class Phase:
     references: list[str]
     external: dict[str, dict] = field(default_factory=dict)
     chain: list[str] = field(default_factory=list)   # files this phase was assembled from, child first
+    rehearsal: dict | None = None     # a rehearsal's overlay and substitutions (dflash.plan.rehearsal)
 
 
 def _read_document(name: str, phases_dir: Path, seen: tuple[str, ...] = ()) -> tuple[dict, list[str]]:
@@ -201,16 +202,12 @@ def load_phase(name: str, phases_dir: Path = PHASES_DIR) -> Phase:
     src = chain[0]
     if "datasets" not in doc:
         raise ConfigError(f"{src}: datasets: is required (directly or through extends)")
-    run_schema = {**schema["$defs"]["run"], "$defs": schema["$defs"]}
     defaults = doc.get("defaults", {})
     runs = {}
     for run_name, override in (doc.get("runs") or {"main": {}}).items():
-        merged = deep_merge(defaults, override)
-        if (merged.get("target") or {}).get("kind") == "qwen3_offline":
-            merged["target"].setdefault("qwen3_offline", {})     # its section's defaults, for this kind only
-        full = fill_defaults(merged, run_schema, schema)
+        full = fill_run(deep_merge(defaults, override))
         validate(full, f"{src}: runs.{run_name}", "run")
-        _check_run(full, f"{src}: runs.{run_name}")
+        check_run(full, f"{src}: runs.{run_name}")
         runs[run_name] = full
     _check_references(doc, src)
     return Phase(name=name, file=src, description=doc.get("description", ""), runs=runs,
@@ -218,7 +215,17 @@ def load_phase(name: str, phases_dir: Path = PHASES_DIR) -> Phase:
                  references=list(doc.get("references", [])), external=dict(doc.get("external", {})), chain=chain)
 
 
-def _check_run(run: dict, where: str) -> None:
+def fill_run(run: dict) -> dict:
+    """A run config with the schema's defaults filled; a target kind's own section (`target.qwen3_offline`) only
+    when that kind is chosen (only `synthetic`'s is filled always: older phases' keys hash it)."""
+    schema = _schema(SCHEMA_DIR / "phase.schema.yaml")
+    run = copy.deepcopy(run)
+    if (run.get("target") or {}).get("kind") == "qwen3_offline":
+        run["target"].setdefault("qwen3_offline", {})
+    return fill_defaults(run, {**schema["$defs"]["run"], "$defs": schema["$defs"]}, schema)
+
+
+def check_run(run: dict, where: str) -> None:
     """Cross-field rules a JSON schema cannot say."""
     t = run["target"]
     needs = {"path": "path", "hub": "hub_id", "gguf": "gguf_file"}

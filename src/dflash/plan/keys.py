@@ -13,7 +13,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dflash.plan.config import Phase, load_all, load_phase
+from dflash.plan import rehearsal
+from dflash.plan.config import Phase, load_phase, phase_names
 from dflash.plan.paths import PHASES_DIR, Results
 from dflash.stages import BY_NAME, REPORT, STAGES
 
@@ -113,6 +114,8 @@ def plan_run(phase: Phase, run_name: str, run: dict, results: Results,
             upstream[name] = keys[name]
         for ds in (phase.datasets if st.per_dataset else [None]):
             config = st.select(run, phase, ds)
+            if phase.rehearsal:
+                config["rehearsal"] = rehearsal.stage_record(phase, run_name, st.name, config, ds)
             key = stage_key(st.name, config, upstream, (versions or {}).get(st.name))
             out.append(StageInstance(st.name, key, config, upstream, res.get(st.name, {}),
                                      results.stage_dir(st.name, key),
@@ -128,6 +131,8 @@ def plan_report(phase: Phase, plans: dict[str, RunPlan], results: Results,
                 versions: dict[str, int] | None = None) -> StageInstance:
     runs = {r: p.as_dict() for r, p in plans.items()}
     config = REPORT.select(None, phase)
+    if phase.rehearsal:
+        config["rehearsal"] = phase.rehearsal["overlay"]
     key = stage_key(REPORT.name, config, {"runs": canonical_json(runs)}, (versions or {}).get(REPORT.name))
     return StageInstance(REPORT.name, key, {**config, "file": phase.file, "chain": phase.chain}, {"runs": runs},
                          {}, results.report_dir(phase.name), users=[(phase.name, "*")])
@@ -151,8 +156,18 @@ def build(phases: dict[str, Phase], results: Results | None = None, versions: di
     return Registry(phases, instances, plans, reports, results)
 
 
-def load_registry(phases_dir: Path = PHASES_DIR, only: list[str] | None = None,
-                  results: Results | None = None) -> Registry:
-    if only:
-        return build({name: load_phase(name, phases_dir) for name in only}, results)
-    return build(load_all(phases_dir), results)
+def load_registry(phases_dir: Path = PHASES_DIR, only: list[str] | None = None, results: Results | None = None,
+                  rehearse: bool = False) -> Registry:
+    """The phases `only` (names; `rehearsal/<phase>` is a rehearsal), else every phase file, or with `rehearse`
+    every phase's rehearsal."""
+    names = only or [rehearsal.PREFIX * rehearse + name for name in phase_names(phases_dir)]
+    return build({name: rehearsal.load(name, phases_dir) if rehearsal.is_rehearsal(name) else
+                  load_phase(name, phases_dir) for name in names}, results)
+
+
+def registry_of(stage: str, key: str) -> Registry:
+    """The registry that plans stage instance (stage, key): every phase's, else every rehearsal's."""
+    reg = load_registry()
+    if (stage, key) in reg.instances or any(r.key == key for r in reg.reports.values()):
+        return reg
+    return load_registry(rehearse=True)
