@@ -49,7 +49,7 @@ def main() -> None:
     parts = {
         "import snakemake": python_cpu("import snakemake.api, snakemake.cli"),
         "import dflash planner": python_cpu("import dflash.plan.keys, dflash.launch.slurm"),
-        "load + validate every phase": python_cpu("import dflash.plan.keys as k, dflash.plan.config as c\n"
+        "load + validate every phase": python_cpu("import dflash.plan.config as c\n"
                                                   "_t = _cpu()\nc.load_all()") ,
         "load + validate + keys": python_cpu("import dflash.plan.keys as k\n_t = _cpu()\nk.load_registry()"),
     }

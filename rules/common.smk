@@ -1,12 +1,17 @@
-"""Shared helpers: the stage registry (all phases, validated at parse time) and lookups for the rules."""
+"""Shared helpers: the stage registry (all phases, validated at parse time) and lookups for the rules.
+
+`--config rehearse=1`: the registry holds every phase's rehearsal (`rehearsal/<phase>`, configs/rehearsal.yaml), and
+the target `<phase>` builds the rehearsal's report."""
 
 import sys
 
 from dflash.launch.slurm import load_cluster, slurm_resources, stage_resources
 from dflash.plan.keys import canonical_json, load_registry
+from dflash.plan.rehearsal import PREFIX as REHEARSAL
 from dflash.stages import BY_NAME
 
-REG = load_registry(tolerant=True)
+REHEARSE = str(config.get("rehearse", "0")).lower() not in ("0", "", "false", "no")
+REG = load_registry(tolerant=True, rehearse=REHEARSE)
 PHASES = sorted(REG.phases)
 # A stage several phases share (equal key) runs with the resources of the first phase that plans it, or of the phase
 # named by `--config resources_of=PHASE` (e.g. `snakemake smoke_gpu_ray --config resources_of=smoke_gpu_ray` launches

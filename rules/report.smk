@@ -68,8 +68,8 @@ for _phase in PHASES:
 
     rule:
         name:
-            _phase
+            _phase.removeprefix(REHEARSAL)
         input:
             f"results/reports/{_phase}/report.md",
-        default_target: _phase == "smoke"
+        default_target: _phase.removeprefix(REHEARSAL) == "smoke"
         localrule: True

@@ -12,8 +12,10 @@ import sys
 from pathlib import Path
 
 from dflash.errors import UserError
-from dflash.plan.keys import load_registry
+from dflash.plan.config import phase_names
+from dflash.plan.keys import load_registry, registry_of
 from dflash.plan.paths import Results
+from dflash.plan.rehearsal import PREFIX as REHEARSAL
 
 USER_ERROR = 2
 USER_ERRORS = (UserError, FileNotFoundError, KeyError)
@@ -47,9 +49,10 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def _job_registry():
-    """Every phase that loads; a broken phase file elsewhere is a warning, not the job's failure."""
-    reg = load_registry(tolerant=True)
+def _job_registry(stage: str, key: str):
+    """The registry that plans this stage instance (phases or rehearsals); a broken phase file elsewhere is a
+    warning, not the job's failure."""
+    reg = registry_of(stage, key)
     for problem in reg.broken:
         print(f"dflash: warning: phase left out: {problem}", file=sys.stderr)
     return reg
@@ -58,7 +61,7 @@ def _job_registry():
 def cmd_stage(args) -> int:
     from dflash.stages import runner
 
-    print(runner.run(_job_registry(), args.stage, args.key))
+    print(runner.run(_job_registry(args.stage, args.key), args.stage, args.key))
     return 0
 
 
@@ -128,7 +131,7 @@ def cmd_provenance(args) -> int:
 def cmd_launch(args) -> int:
     from dflash.launch import commands
 
-    commands.run(_job_registry(), args.stage, args.key, args.phase)    # replaces this process
+    commands.run(_job_registry(args.stage, args.key), args.stage, args.key, args.phase)    # replaces this process
     return 0
 
 
@@ -161,7 +164,7 @@ def cmd_publish(args) -> int:
 def cmd_gc(args) -> int:
     from dflash.results import gc
 
-    paths, skipped = gc.collect(load_registry())
+    paths, skipped = gc.collect(load_registry(only=[*phase_names(), *(REHEARSAL + p for p in phase_names())]))
     total = 0
     for p in paths:
         n = gc.size(p)

@@ -250,6 +250,7 @@ DATASETS: dict[str, DatasetSpec] = {
             fields=("question_content", "starter_code"),
             formatter=_fmt_livecodebench,
             hub_files=LCB_FILES,
+            local_file="livecodebench/test.jsonl",
         ),
         _spec(
             "swe_bench",

@@ -165,6 +165,7 @@ class Phase:
     references: list[str]
     external: dict[str, dict] = field(default_factory=dict)
     chain: list[str] = field(default_factory=list)   # files this phase was assembled from, child first
+    rehearsal: dict | None = None     # a rehearsal's overlay and substitutions (dflash.plan.rehearsal)
 
 
 def _read_document(name: str, phases_dir: Path, seen: tuple[str, ...] = ()) -> tuple[dict, list[str]]:
@@ -220,16 +221,12 @@ def load_phase(name: str, phases_dir: Path = PHASES_DIR) -> Phase:
     src = chain[0]
     if "datasets" not in doc:
         raise ConfigError(f"{src}: datasets: is required (directly or through extends)")
-    run_schema = {**schema["$defs"]["run"], "$defs": schema["$defs"]}
     defaults = doc.get("defaults", {})
     runs = {}
     for run_name, override in (doc.get("runs") or {"main": {}}).items():
-        merged = deep_merge(defaults, override)
-        if (merged.get("target") or {}).get("kind") == "qwen3_offline":
-            merged["target"].setdefault("qwen3_offline", {})     # its section's defaults, for this kind only
-        full = fill_defaults(merged, run_schema, schema)
+        full = fill_run(deep_merge(defaults, override))
         validate(full, f"{src}: runs.{run_name}", "run")
-        _check_run(full, f"{src}: runs.{run_name}")
+        check_run(full, f"{src}: runs.{run_name}")
         runs[run_name] = full
     _check_references(doc, src)
     _check_datasets(doc["datasets"], src)
@@ -238,7 +235,17 @@ def load_phase(name: str, phases_dir: Path = PHASES_DIR) -> Phase:
                  references=list(doc.get("references", [])), external=dict(doc.get("external", {})), chain=chain)
 
 
-def _check_run(run: dict, where: str) -> None:
+def fill_run(run: dict) -> dict:
+    """A run config with the schema's defaults filled; a target kind's own section (`target.qwen3_offline`) only
+    when that kind is chosen (only `synthetic`'s is filled always: older phases' keys hash it)."""
+    schema = _schema(SCHEMA_DIR / "phase.schema.yaml")
+    run = copy.deepcopy(run)
+    if (run.get("target") or {}).get("kind") == "qwen3_offline":
+        run["target"].setdefault("qwen3_offline", {})
+    return fill_defaults(run, {**schema["$defs"]["run"], "$defs": schema["$defs"]}, schema)
+
+
+def check_run(run: dict, where: str) -> None:
     """Cross-field rules a JSON schema cannot say."""
     t = run["target"]
     needs = {"path": "path", "hub": "hub_id", "gguf": "gguf_file"}
@@ -337,14 +344,3 @@ def phase_names(phases_dir: Path = PHASES_DIR) -> list[str]:
 def load_all(phases_dir: Path = PHASES_DIR) -> dict[str, Phase]:
     return {name: load_phase(name, phases_dir) for name in phase_names(phases_dir)}
 
-
-def load_valid(phases_dir: Path = PHASES_DIR) -> tuple[dict[str, Phase], list[str]]:
-    """Every phase that loads, and the errors of those that do not (for jobs that need only some phases: a broken
-    phase file elsewhere must not fail a running workflow)."""
-    phases, errors = {}, []
-    for name in phase_names(phases_dir):
-        try:
-            phases[name] = load_phase(name, phases_dir)
-        except ConfigError as e:
-            errors.append(str(e))
-    return phases, errors

@@ -13,7 +13,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dflash.plan.config import Phase, load_all, load_phase, load_valid
+from dflash.errors import ConfigError
+from dflash.plan import rehearsal
+from dflash.plan.config import Phase, load_phase, phase_names
 from dflash.plan.paths import PHASES_DIR, Results
 from dflash.stages import BY_NAME, REPORT, STAGES, alternatives
 
@@ -124,6 +126,8 @@ def plan_run(phase: Phase, run_name: str, run: dict, results: Results,
                                  "does not plan")
         for ds in (phase.datasets if st.per_dataset else [None]):
             config = st.select(run, phase, ds)
+            if phase.rehearsal:
+                config["rehearsal"] = rehearsal.stage_record(phase, run_name, st.name, config, ds)
             key = stage_key(st.name, config, upstream, (versions or {}).get(st.name))
             out.append(StageInstance(st.name, key, config, upstream, res.get(st.name, {}),
                                      results.stage_dir(st.name, key),
@@ -139,6 +143,8 @@ def plan_report(phase: Phase, plans: dict[str, RunPlan], results: Results,
                 versions: dict[str, int] | None = None) -> StageInstance:
     runs = {r: p.as_dict() for r, p in plans.items()}
     config = REPORT.select(None, phase)
+    if phase.rehearsal:
+        config["rehearsal"] = phase.rehearsal["overlay"]
     key = stage_key(REPORT.name, config, {"runs": canonical_json(runs)}, (versions or {}).get(REPORT.name))
     return StageInstance(REPORT.name, key, {**config, "file": phase.file, "chain": phase.chain}, {"runs": runs},
                          {}, results.report_dir(phase.name), users=[(phase.name, "*")])
@@ -164,14 +170,32 @@ def build(phases: dict[str, Phase], results: Results | None = None, versions: di
 
 
 def load_registry(phases_dir: Path = PHASES_DIR, only: list[str] | None = None, results: Results | None = None,
-                  tolerant: bool = False) -> Registry:
-    """The registry of the phases `only` names, or of every phase. `tolerant`: phase files that fail to load are
-    left out and their errors kept in `broken` (stage jobs and the Snakefile; gc and audits stay strict)."""
+                  tolerant: bool = False, rehearse: bool = False) -> Registry:
+    """The phases `only` (names; `rehearsal/<phase>` is a rehearsal), else every phase file, or with `rehearse`
+    every phase's rehearsal. `tolerant`: phase files that fail to load are left out and their errors kept in
+    `broken` (stage jobs and the Snakefile; gc and audits stay strict)."""
     if only:
-        return build({name: load_phase(name, phases_dir) for name in only}, results)
-    if not tolerant:
-        return build(load_all(phases_dir), results)
-    phases, broken = load_valid(phases_dir)
+        return build({name: _load(name, phases_dir) for name in only}, results)
+    phases, broken = {}, []
+    for name in (rehearsal.PREFIX * rehearse + name for name in phase_names(phases_dir)):
+        try:
+            phases[name] = _load(name, phases_dir)
+        except ConfigError as e:
+            if not tolerant:
+                raise
+            broken.append(str(e))
     reg = build(phases, results)
     reg.broken = broken
     return reg
+
+
+def _load(name: str, phases_dir: Path) -> Phase:
+    return rehearsal.load(name, phases_dir) if rehearsal.is_rehearsal(name) else load_phase(name, phases_dir)
+
+
+def registry_of(stage: str, key: str) -> Registry:
+    """The registry that plans stage instance (stage, key): every phase's, else every rehearsal's (tolerant)."""
+    reg = load_registry(tolerant=True)
+    if (stage, key) in reg.instances or any(r.key == key for r in reg.reports.values()):
+        return reg
+    return load_registry(tolerant=True, rehearse=True)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PHASES_DIR = Path("configs/phases")
+REHEARSAL_FILE = Path("configs/rehearsal.yaml")
 SCHEMA_DIR = Path("workflow/schemas")
 RESULTS = Path("results")
 

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 from dflash.plan.keys import Registry
+from dflash.plan.rehearsal import PREFIX as REHEARSAL
 from dflash.processes import pid_alive
 from dflash.results.provenance import tmp_owner
 from dflash.stages import NAMES as STAGES
@@ -28,6 +29,19 @@ def locked_outputs(locks: Path = LOCKS) -> set[tuple[str, str]]:
             for i, part in enumerate(parts[:-1]):
                 if part in (*STAGES, "reports") and i + 1 < len(parts):
                     out.add((part, parts[i + 1]))
+    return out
+
+
+def by_phase(folder: Path, suffix: str = "") -> list[tuple[Path, str]]:
+    """(entry, phase name) of a folder whose entries are named by phase; rehearsals (`rehearsal/<phase>`) are the
+    entries of its `rehearsal` subfolder. A temporary directory is named by the phase it builds."""
+    out = []
+    for d in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if d.name + "/" == REHEARSAL and d.is_dir() and not d.is_symlink():
+            out += [(e, REHEARSAL + name) for e, name in by_phase(d, suffix)]
+        else:
+            name = d.name.removeprefix(".tmp-").rpartition("-")[0] if tmp_owner(d) is not None else d.name
+            out.append((d, name.removesuffix(suffix)))
     return out
 
 
@@ -48,17 +62,13 @@ def collect(reg: Registry, locks: Path = LOCKS) -> tuple[list[Path], list[tuple[
         if (root / stage).is_dir():
             found += [(d, final_of(stage, d)) for d in sorted((root / stage).iterdir())
                       if tmp_owner(d) is not None or (stage, d.name) not in keys]
-    reports = root / "reports"
-    if reports.is_dir():
-        found += [(d, final_of("reports", d)) for d in sorted(reports.iterdir())
-                  if tmp_owner(d) is not None or d.name not in reg.phases]
-    links = root / "phases"
-    if links.is_dir():
-        for d in sorted(links.iterdir()):
-            if d.name not in reg.phases:
-                found.append((d, None))
-            elif d.is_dir():
-                found += [(r, None) for r in sorted(d.iterdir()) if r.name not in reg.plans[d.name]]
+    found += [(d, ("reports", name)) for d, name in by_phase(root / "reports")
+              if tmp_owner(d) is not None or name not in reg.phases]
+    for d, name in by_phase(root / "phases"):
+        if name not in reg.phases:
+            found.append((d, None))
+        elif d.is_dir():
+            found += [(r, None) for r in sorted(d.iterdir()) if r.name not in reg.plans[name]]
     if reg.results.checkpoints.is_dir():
         for d in sorted(reg.results.checkpoints.iterdir()):
             stage, _, key = d.name.partition("-")
@@ -69,9 +79,7 @@ def collect(reg: Registry, locks: Path = LOCKS) -> tuple[list[Path], list[tuple[
         if (logs / stage).is_dir():
             found += [(f, (stage, f.name.removesuffix(".log"))) for f in sorted((logs / stage).iterdir())
                       if (stage, f.name.removesuffix(".log")) not in keys]
-    if (logs / "report").is_dir():
-        found += [(f, ("reports", f.name.removesuffix(".log"))) for f in sorted((logs / "report").iterdir())
-                  if f.name.removesuffix(".log") not in reg.phases]
+    found += [(f, ("reports", name)) for f, name in by_phase(logs / "report", ".log") if name not in reg.phases]
     remove, skipped = [], []
     for path, owner in found:
         pid = tmp_owner(path)

@@ -22,6 +22,7 @@ from dflash.decoding import metrics
 from dflash.plan.config import Phase
 from dflash.plan.keys import Registry, RunPlan
 from dflash.plan.paths import Results
+from dflash.plan.rehearsal import PREFIX as REHEARSAL
 from dflash.stages import data_parallel
 
 AGG_SOURCE = "mean of the run's per-dataset rows"
@@ -420,8 +421,14 @@ def markdown(ph: Phase, data: dict, t: dict[str, list[dict]]) -> str:
                  "detail": refs.SOURCES[ln.source]["detail"]} for ln in lines.values()]
     ext = {run: r for run, r in data.items() if r["kind"] == "external"}
     delta_rows = [r for r in t["deltas"] if r["metric"] == "tau" and r["dataset"] in aggs]
+    head = [f"# Phase `{ph.name}`", ph.description.strip()]
+    if ph.rehearsal:
+        head = [f"# REHEARSAL of phase `{ph.name.removeprefix(REHEARSAL)}`",
+                f"{ph.rehearsal['description']} Overlay `{ph.rehearsal['overlay']}`: every stage's `provenance.json` "
+                "lists what it substituted (config `rehearsal`: field -> [the phase's value, the rehearsal's]). The "
+                "phase:", ph.description.strip()]
     parts = [
-        f"# Phase `{ph.name}`", ph.description.strip(),
+        *head,
         f"Config: `{ph.file}`. Every number below is recomputed from the bench records and training metrics of the "
         "stage directories listed in `provenance.json`, or read per dataset from the project's references table "
         "(`src/dflash/data/references.csv`, source id in every row); aggregates are means of the per-dataset values "

@@ -3,9 +3,11 @@
 Output `conversations.jsonl`: {"id", "messages": [{"role", "content"}, ...]} with the sources' original responses
 (the seed PR's recipe trains on these; the paper's recipe replaces them in `regenerate`). Per source, rows whose id
 (`id_field`) is listed in `exclude_ids` / `exclude_id_ranges` are skipped before the `n` sample is drawn (MBPP's
-full file minus its test task ids, say). Then prompts equal to a benchmark prompt of the phase are dropped
-(`data.exclude_benchmarks`, compared after whitespace/case normalisation, with and without z-lab's math suffix), and
-with `data.dedup` every prompt after the first with the same first user turn. Rows without an assistant reply (a
+full file minus its test task ids, say). A source with `convert_from` holds records of that format, converted to
+`format`'s fields and then read as `format` (a rehearsal's stand-in for a hub dataset). Then prompts equal to a
+benchmark prompt of the phase are dropped (`data.exclude_benchmarks`, compared after whitespace/case normalisation,
+with and without z-lab's math suffix), and with `data.dedup` every prompt after the first with the same first user
+turn. Rows without an assistant reply (a
 prompt-only ShareGPT file) are kept, since `regenerate` answers them; the summary counts them (`without_reply`), and
 without regeneration tokenize drops them (no loss tokens).
 """
@@ -50,6 +52,19 @@ def _from_record(fmt: str, rec: dict, where: str) -> list[dict]:
     raise DataError(f"{where}: unknown format {fmt!r}")
 
 
+def _to_record(fmt: str, msgs: list[dict], where: str) -> dict:
+    """A conversation as a record of format `fmt` (`data.sources` convert_from: a local stand-in in another schema)."""
+    if fmt == "messages":
+        return {"messages": msgs}
+    if fmt == "sharegpt":
+        speaker = {"user": "human", "assistant": "gpt", "system": "system"}
+        return {"conversations": [{"from": speaker[m["role"]], "value": m["content"]} for m in msgs]}
+    if fmt == "alpaca":
+        first = {m["role"]: m["content"] for m in reversed(msgs)}
+        return {"instruction": first.get("user", ""), "input": "", "output": first.get("assistant", "")}
+    raise ValueError(f"{where}: cannot convert records to format {fmt!r} (convert_from)")
+
+
 def _excluded_id(src: dict, rid) -> bool:
     """Whether a row id is in the source's `exclude_ids` (compared as text) or an inclusive `exclude_id_ranges`
     interval (integer ids only)."""
@@ -85,6 +100,8 @@ def _read_source(src: dict) -> tuple[list[dict], dict, int]:
             if _excluded_id(src, rid):
                 skipped += 1
                 continue
+            if src.get("convert_from"):
+                rec = _to_record(fmt, _from_record(src["convert_from"], rec, where), where)
             rows.append({"id": f"{path.parent.name}/{path.stem}/{rid}", "messages": _from_record(fmt, rec, where)})
         inputs = {str(path): sha256_file(path)}
     else:
@@ -132,7 +149,8 @@ def run(ctx) -> dict:
         inputs.update(i)
         skipped_ids += skipped
         per_source.append({"kind": src["kind"], "name": src.get("path") or src.get("hub_id") or "synthetic",
-                           "format": src.get("format", "messages"), "rows": len(r), "excluded_ids": skipped})
+                           "format": src.get("format", "messages"), "rows": len(r), "excluded_ids": skipped,
+                           **({"converted_from": src["convert_from"]} if src.get("convert_from") else {})})
     n_read = len(rows)
     rows = [r for r in rows if _first_user(r) is not None]
     no_user = n_read - len(rows)

@@ -1,7 +1,9 @@
 """tokenize: conversations -> token ids with an assistant-only loss mask, in the target's chat template.
 
 Output `tokens.pt`: flat `input_ids` and `loss_mask` (int32 / bool) with `offsets` (n + 1,), one row per kept
-conversation. Rows longer than `max_length` are truncated; rows with fewer than `min_loss_tokens` loss tokens dropped.
+conversation. Rows longer than `max_length` are truncated; rows with fewer than `min_loss_tokens` loss tokens are
+dropped, and so are rows whose assistant turn the chat template rewrites (Qwen3's moves what precedes a `</think>`),
+both counted.
 """
 
 from __future__ import annotations
@@ -11,6 +13,10 @@ from dflash.data.tokens import save_tokens
 from dflash.errors import DataError
 from dflash.modeling.target import load_tokenizer
 from dflash.stages import prepare
+
+
+class Rewritten(ValueError):
+    """The chat template rewrote an assistant turn (Qwen3's splits a turn at `</think>`): no span to mask."""
 
 
 def assistant_spans(tokenizer, msgs: list[dict], enable_thinking: bool) -> tuple[str, list[tuple[int, int]]]:
@@ -25,7 +31,7 @@ def assistant_spans(tokenizer, msgs: list[dict], enable_thinking: bool) -> tuple
             continue
         start = full.find(m["content"], cursor)
         if start < 0:
-            raise DataError("an assistant turn does not appear verbatim in the chat template's rendering")
+            raise Rewritten("an assistant turn does not appear verbatim in the chat template's rendering")
         end = start + len(m["content"])
         if eos and full.startswith(eos, end):
             end += len(eos)
@@ -46,10 +52,14 @@ def run(ctx) -> dict:
     tokenizer = load_tokenizer(upstream["target"])
     rows = prepare.read(upstream.get("regenerate") or upstream["prepare"])
     ids, masks, offsets = [], [], [0]
-    dropped_short, truncated = 0, 0
+    dropped_short, truncated, rewritten = 0, 0, 0
     for r in rows:
         msgs = chat.messages(r["messages"], tc["system_prompt"])
-        toks, mask = encode(tokenizer, msgs, tc["enable_thinking"])
+        try:
+            toks, mask = encode(tokenizer, msgs, tc["enable_thinking"])
+        except Rewritten:
+            rewritten += 1
+            continue
         if len(toks) > tc["max_length"]:
             toks, mask = toks[: tc["max_length"]], mask[: tc["max_length"]]
             truncated += 1
@@ -60,11 +70,13 @@ def run(ctx) -> dict:
         masks += mask
         offsets.append(len(ids))
     if len(offsets) == 1:
-        raise DataError(f"tokenize: every conversation has fewer than min_loss_tokens={tc['min_loss_tokens']} "
-                         "loss tokens")
+        raise DataError(f"tokenize: no conversation left: {dropped_short} with fewer than min_loss_tokens="
+                        f"{tc['min_loss_tokens']} loss tokens, {rewritten} whose assistant turn the chat template "
+                        "rewrites")
     save_tokens(out, ids, masks, offsets)
     n = len(offsets) - 1
-    log(f"tokenize: {n} rows, {len(ids)} tokens, {sum(masks)} loss tokens, {dropped_short} dropped, {truncated} cut")
+    log(f"tokenize: {n} rows, {len(ids)} tokens, {sum(masks)} loss tokens, {dropped_short} dropped as short, "
+        f"{rewritten} as rewritten by the chat template, {truncated} cut")
     return {"summary": {"rows": n, "tokens": len(ids), "loss_tokens": sum(masks), "dropped_short": dropped_short,
-                        "truncated": truncated}}
+                        "dropped_rewritten": rewritten, "truncated": truncated}}
 

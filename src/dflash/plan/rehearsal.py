@@ -1,0 +1,144 @@
+"""Rehearsals: a phase run as `rehearsal/<phase>`, with exactly its DAG, runs and stage options, but the target, the
+sizes, the hub datasets, the bench device and the scheduler requests of the overlay file `configs/rehearsal.yaml`.
+
+Each substitution is recorded as field -> [the phase's value, the rehearsal's], grouped by the section of the run
+config it belongs to; the planner puts the groups a stage reads into that stage's config under `rehearsal`, so
+they are part of its key and of its provenance.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+from pathlib import Path
+
+from dflash.data.benchmarks import DATASETS
+from dflash.errors import ConfigError
+from dflash.plan.config import Phase, check_run, fill_run, load_phase, load_yaml, validate
+from dflash.plan.paths import PHASES_DIR, REHEARSAL_FILE
+from dflash.stages import NAMES as STAGES
+
+PREFIX = "rehearsal/"
+STAGE_SECTION = {"data_parallel": "resources.train"}     # a stage config key that is derived from another section
+
+
+def is_rehearsal(name: str) -> bool:
+    return name.startswith(PREFIX)
+
+
+def load_overlay(path: Path = REHEARSAL_FILE) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"rehearsal overlay {path} not found")
+    doc = load_yaml(path)
+    validate(doc, str(path), "rehearsal")
+    return doc
+
+
+def load(name: str, phases_dir: Path = PHASES_DIR, overlay_path: Path = REHEARSAL_FILE) -> Phase:
+    """The rehearsal `rehearsal/<phase>` of a phase file."""
+    return rehearse(load_phase(name.removeprefix(PREFIX), phases_dir), load_overlay(overlay_path), str(overlay_path))
+
+
+class _Record:
+    """Substitutions of one run: section -> {field path: [phase value, rehearsal value]}."""
+
+    def __init__(self):
+        self.by_section: dict[str, dict[str, list]] = {}
+
+    def set(self, section: dict | list, key, value, path: str) -> None:
+        old = section[key] if isinstance(section, list) else section.get(key)
+        if old == value:
+            return
+        self.by_section.setdefault(path.split(".")[0], {})[path] = [copy.deepcopy(old), value]
+        if value is None:
+            section.pop(key, None)
+        else:
+            section[key] = copy.deepcopy(value)
+
+    def cap(self, section: dict, key: str, bound: int, path: str) -> None:
+        if section.get(key) is None or section[key] > bound:
+            self.set(section, key, bound, path)
+
+
+def _stand_in(src: dict, overlay: dict, where: str) -> dict:
+    ins = overlay["stand_ins"]
+    found = ins.get(f"{src['hub_id']}:{src.get('split', 'train')}") or ins.get(src["hub_id"])
+    if found is None:
+        raise ConfigError(f"{where}: no local stand-in for hub dataset {src['hub_id']!r} in {REHEARSAL_FILE} "
+                          f"(stand_ins)")
+    out = {k: v for k, v in src.items() if k not in ("kind", "hub_id", "split")}
+    return {**out, "kind": "jsonl", "path": found["path"], "convert_from": found["from"]} \
+        if found["from"] != src.get("format", "messages") else {**out, "kind": "jsonl", "path": found["path"]}
+
+
+def _run(run: dict, overlay: dict, where: str) -> tuple[dict, dict]:
+    """(the rehearsal's run config, its substitutions by section)."""
+    run, rec, caps = copy.deepcopy(run), _Record(), overlay["caps"]
+    rec.set(run, "target", overlay["target"], "target")
+    for i, src in enumerate(run["data"]["sources"]):
+        if src["kind"] == "hub":
+            rec.set(run["data"]["sources"], i, _stand_in(src, overlay, f"{where}.data.sources.{i}"),
+                    f"data.sources.{i}")
+        rec.cap(run["data"]["sources"][i], "n", caps["source_rows"], f"data.sources.{i}.n")
+    rec.cap(run["regenerate"], "max_new_tokens", caps["regenerate_new_tokens"], "regenerate.max_new_tokens")
+    rec.cap(run["tokenize"], "max_length", caps["max_length"], "tokenize.max_length")
+    rec.cap(run["tokenize"], "min_loss_tokens", caps["min_loss_tokens"], "tokenize.min_loss_tokens")
+    target = fill_run({"target": run["target"]})["target"]
+    layers = (target.get(target["kind"]) or {}).get("num_layers")
+    if layers and max(run["drafter"].get("target_layer_ids") or [0]) >= layers:
+        rec.set(run["drafter"], "target_layer_ids", None, "drafter.target_layer_ids")     # z-lab's rule for the depth
+    if "mask_token_id" not in run["drafter"]:
+        rec.set(run["drafter"], "mask_token", None, "drafter.mask_token")
+        rec.set(run["drafter"], "mask_token_id", overlay["mask_token_id"], "drafter.mask_token_id")
+    for key, cap in (("max_steps", "train_steps"), ("micro_batch_size", "micro_batch_size"),
+                     ("grad_accum", "grad_accum"), ("num_anchors", "num_anchors")):
+        rec.cap(run["train"], key, caps[cap], f"train.{key}")
+    for key, value in overlay["bench"].items():
+        rec.set(run["bench"], key, value, f"bench.{key}")
+    rec.cap(run["bench"], "max_new_tokens", caps["bench_new_tokens"], "bench.max_new_tokens")
+    for stage in STAGES:
+        rec.set(run["resources"], stage, overlay["resources"], f"resources.{stage}")
+    return run, rec.by_section
+
+
+def _dataset(ds: dict, overlay: dict) -> tuple[dict, dict]:
+    ds, rec = copy.deepcopy(ds), _Record()
+    local = DATASETS[ds["name"]].local_file if ds["name"] in DATASETS else None
+    if "path" not in ds and local:
+        rec.set(ds, "path", f"{overlay['benchmark_data']}/{local}", "dataset.path")
+    rec.cap(ds, "n", overlay["caps"]["prompts"], "dataset.n")
+    return ds, rec.by_section.get("dataset", {})
+
+
+def rehearse(phase: Phase, overlay: dict, source: str) -> Phase:
+    """`phase` with the overlay's substitutions; `Phase.rehearsal` holds them for the planner and the report."""
+    runs, subs = {}, {}
+    for name, run in phase.runs.items():
+        where = f"{phase.file}: runs.{name}"
+        new, subs[name] = _run(run, overlay, where)
+        new = fill_run(new)
+        validate(new, f"{source} on {where}", "run")
+        check_run(new, f"{source} on {where}")
+        runs[name] = new
+    datasets, ds_subs = [], {}
+    for ds in phase.datasets:
+        new, ds_subs[ds["name"]] = _dataset(ds, overlay)
+        datasets.append(new)
+    return replace(phase, name=PREFIX + phase.name, runs=runs, datasets=datasets, chain=[*phase.chain, source],
+                   rehearsal={"overlay": source, "description": overlay.get("description", "").strip(),
+                              "runs": subs, "datasets": ds_subs})
+
+
+def stage_record(phase: Phase, run: str, stage: str, config: dict, dataset: dict | None) -> dict:
+    """The substitutions a stage instance reads: those of the sections in its config, its own scheduler request,
+    and (bench) its dataset's."""
+    subs = phase.rehearsal["runs"][run]
+    out = {}
+    for key in config:
+        section = STAGE_SECTION.get(key, key)
+        found = subs.get(section.split(".")[0], {})
+        out.update({p: v for p, v in found.items() if p.startswith(section)})
+    out.update({p: v for p, v in subs.get("resources", {}).items() if p == f"resources.{stage}"})
+    if dataset is not None:
+        out.update(phase.rehearsal["datasets"].get(dataset["name"], {}))
+    return out
