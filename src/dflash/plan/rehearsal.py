@@ -9,6 +9,7 @@ they are part of its key and of its provenance.
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,10 +28,17 @@ def is_rehearsal(name: str) -> bool:
 
 
 def load_overlay(path: Path = REHEARSAL_FILE) -> dict:
+    """The overlay, validated, its target's defaults filled (read once per process and file version)."""
     if not path.is_file():
         raise ConfigError(f"rehearsal overlay {path} not found")
+    return copy.deepcopy(_overlay(path, path.stat().st_mtime_ns))
+
+
+@functools.cache
+def _overlay(path: Path, mtime: int) -> dict:
     doc = load_yaml(path)
     validate(doc, str(path), "rehearsal")
+    doc["target"] = fill_run({"target": doc["target"]})["target"]
     return doc
 
 
@@ -45,12 +53,13 @@ class _Record:
     def __init__(self):
         self.by_section: dict[str, dict[str, list]] = {}
 
-    def set(self, section: dict | list, key, value, path: str) -> None:
+    def set(self, section: dict | list, key, value, path: str, drop: bool = False) -> None:
+        """section[key] = value (`drop`: remove the key), recorded if it changes."""
         old = section[key] if isinstance(section, list) else section.get(key)
-        if old == value:
+        if old == value and not (drop and key in section):
             return
         self.by_section.setdefault(path.split(".")[0], {})[path] = [copy.deepcopy(old), value]
-        if value is None:
+        if drop:
             section.pop(key, None)
         else:
             section[key] = copy.deepcopy(value)
@@ -74,7 +83,7 @@ def _stand_in(src: dict, overlay: dict, where: str) -> dict:
 def _run(run: dict, overlay: dict, where: str) -> tuple[dict, dict]:
     """(the rehearsal's run config, its substitutions by section)."""
     run, rec, caps = copy.deepcopy(run), _Record(), overlay["caps"]
-    rec.set(run, "target", overlay["target"], "target")
+    rec.set(run, "target", overlay["target"], "target")      # with its defaults filled (load_overlay)
     for i, src in enumerate(run["data"]["sources"]):
         if src["kind"] == "hub":
             rec.set(run["data"]["sources"], i, _stand_in(src, overlay, f"{where}.data.sources.{i}"),
@@ -83,12 +92,11 @@ def _run(run: dict, overlay: dict, where: str) -> tuple[dict, dict]:
     rec.cap(run["regenerate"], "max_new_tokens", caps["regenerate_new_tokens"], "regenerate.max_new_tokens")
     rec.cap(run["tokenize"], "max_length", caps["max_length"], "tokenize.max_length")
     rec.cap(run["tokenize"], "min_loss_tokens", caps["min_loss_tokens"], "tokenize.min_loss_tokens")
-    target = fill_run({"target": run["target"]})["target"]
-    layers = (target.get(target["kind"]) or {}).get("num_layers")
+    layers = (run["target"].get(run["target"]["kind"]) or {}).get("num_layers")
     if layers and max(run["drafter"].get("target_layer_ids") or [0]) >= layers:
         rec.set(run["drafter"], "target_layer_ids", None, "drafter.target_layer_ids")     # z-lab's rule for the depth
     if "mask_token_id" not in run["drafter"]:
-        rec.set(run["drafter"], "mask_token", None, "drafter.mask_token")
+        rec.set(run["drafter"], "mask_token", None, "drafter.mask_token", drop=True)
         rec.set(run["drafter"], "mask_token_id", overlay["mask_token_id"], "drafter.mask_token_id")
     for key, cap in (("max_steps", "train_steps"), ("micro_batch_size", "micro_batch_size"),
                      ("grad_accum", "grad_accum"), ("num_anchors", "num_anchors")):
@@ -115,9 +123,7 @@ def rehearse(phase: Phase, overlay: dict, source: str) -> Phase:
     runs, subs = {}, {}
     for name, run in phase.runs.items():
         where = f"{phase.file}: runs.{name}"
-        new, subs[name] = _run(run, overlay, where)
-        new = fill_run(new)
-        validate(new, f"{source} on {where}", "run")
+        new, subs[name] = _run(run, overlay, where)      # valid: the phase's run with values of the valid overlay
         check_run(new, f"{source} on {where}")
         runs[name] = new
     datasets, ds_subs = [], {}
