@@ -43,8 +43,11 @@ def both():
 @pytest.mark.parametrize("name", QWEN3_PHASES)
 def test_rehearsal_has_the_phase_dag_runs_and_datasets_and_its_own_keys(both, name):
     real, reh = both.plans[name], both.plans[rehearsal.PREFIX + name]
-    assert list(real) == list(reh)                                                   # the same runs
-    for run in real:
+    left_out = both.phases[rehearsal.PREFIX + name].rehearsal["left_out"]
+    assert list(reh) == [r for r in real if r not in left_out]                      # the same runs
+    assert all("hub checkpoint" in why and both.phases[name].runs[r]["drafter"]["pretrained"]
+               for r, why in left_out.items())                                    # only hub drafters (zlab)
+    for run in reh:
         assert list(real[run].named()) == list(reh[run].named())                    # the same stages and datasets
         assert not set(real[run].pairs()) & set(reh[run].pairs())                   # no shared output
     assert both.reports[name].dir != both.reports[rehearsal.PREFIX + name].dir

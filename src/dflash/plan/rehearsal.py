@@ -15,6 +15,7 @@ from pathlib import Path
 
 from dflash.data.benchmarks import DATASETS
 from dflash.errors import ConfigError
+from dflash.plan import pretrained
 from dflash.plan.config import Phase, check_run, fill_run, load_phase, load_yaml, validate
 from dflash.plan.paths import PHASES_DIR, REHEARSAL_FILE
 from dflash.stages import NAMES as STAGES
@@ -120,9 +121,14 @@ def _dataset(ds: dict, overlay: dict) -> tuple[dict, dict]:
 
 def rehearse(phase: Phase, overlay: dict, source: str) -> Phase:
     """`phase` with the overlay's substitutions; `Phase.rehearsal` holds them for the planner and the report."""
-    runs, subs = {}, {}
+    runs, subs, left_out = {}, {}, {}
     for name, run in phase.runs.items():
         where = f"{phase.file}: runs.{name}"
+        ref = run["drafter"].get("pretrained")
+        if ref and pretrained.parse(ref).hub_id:
+            left_out[name] = (f"drafter.pretrained {ref}: a hub checkpoint of the real target, which neither loads "
+                              "offline nor fits the rehearsal target")
+            continue
         new, subs[name] = _run(run, overlay, where)      # valid: the phase's run with values of the valid overlay
         check_run(new, f"{source} on {where}")
         runs[name] = new
@@ -132,7 +138,7 @@ def rehearse(phase: Phase, overlay: dict, source: str) -> Phase:
         datasets.append(new)
     return replace(phase, name=PREFIX + phase.name, runs=runs, datasets=datasets, chain=[*phase.chain, source],
                    rehearsal={"overlay": source, "description": overlay.get("description", "").strip(),
-                              "runs": subs, "datasets": ds_subs})
+                              "runs": subs, "datasets": ds_subs, "left_out": left_out})
 
 
 def stage_record(phase: Phase, run: str, stage: str, config: dict, dataset: dict | None) -> dict:
