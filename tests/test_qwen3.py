@@ -135,7 +135,7 @@ def test_offline_qwen3_default_depth_gives_the_qwen3_8b_layer_ids():
 
 def test_qwen3_offline_section_is_filled_only_for_its_kind(tmp_path):
     write_phase(tmp_path, "a", {"target": {"kind": "qwen3_offline"}})
-    write_phase(tmp_path, "b", {"target": {"kind": "qwen3_offline", "qwen3_offline": {"steps": 120}}})
+    write_phase(tmp_path, "b", {"target": {"kind": "qwen3_offline", "qwen3_offline": {"steps": 150}}})
     reg = load_registry(tmp_path, results=Results(tmp_path / "results"))
     assert reg.plans["a"]["main"].keys["target"] == reg.plans["b"]["main"].keys["target"]
     assert "qwen3_offline" not in load_phase("smoke").runs["main"]["target"]
