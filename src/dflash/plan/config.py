@@ -239,9 +239,8 @@ def fill_run(run: dict) -> dict:
     """A run config with the schema's defaults filled; a target kind's own section (`target.qwen3_offline`) only
     when that kind is chosen (only `synthetic`'s is filled always: older phases' keys hash it)."""
     schema = _schema(SCHEMA_DIR / "phase.schema.yaml")
-    run = copy.deepcopy(run)
     if (run.get("target") or {}).get("kind") == "qwen3_offline":
-        run["target"].setdefault("qwen3_offline", {})
+        run = {**run, "target": {"qwen3_offline": {}, **run["target"]}}
     return fill_defaults(run, {**schema["$defs"]["run"], "$defs": schema["$defs"]}, schema)
 
 
@@ -261,7 +260,7 @@ def check_run(run: dict, where: str) -> None:
     if "mask_token" in dr and "mask_token_id" in dr:
         raise ConfigError(f"{where}.drafter.mask_token_id: give drafter.mask_token or drafter.mask_token_id, not both")
     if "mask_token_id" in dr:
-        check_mask_id(dr["mask_token_id"], embedding_rows(t), f"{where}.drafter")
+        check_mask_id(dr["mask_token_id"], known_embedding_rows(t), f"{where}.drafter")
     tr = run["train"]
     if tr["min_lr"] > tr["lr"]:
         raise ConfigError(f"{where}.train.min_lr: must be <= train.lr ({tr['lr']})")
@@ -305,7 +304,7 @@ def _check_datasets(datasets: list[dict], where: str) -> None:
             _check_local(ds["path"], f"{where}: datasets.{i}.path")
 
 
-def embedding_rows(target: dict) -> int | None:
+def known_embedding_rows(target: dict) -> int | None:
     """The target's embedding rows where they are known without running anything: a qwen3_offline target's
     `vocab_size`, a local `path` target's config.json; None for the others (synthetic: its trained BPE decides;
     hub, gguf), whose mask id the first stage that loads the target checks."""

@@ -40,12 +40,12 @@ def _overlay(path: Path, mtime: int) -> dict:
     doc = load_yaml(path)
     validate(doc, str(path), "rehearsal")
     doc["target"] = fill_run({"target": doc["target"]})["target"]
-    return doc
+    return {**doc, "source": str(path)}
 
 
 def load(name: str, phases_dir: Path = PHASES_DIR, overlay_path: Path = REHEARSAL_FILE) -> Phase:
     """The rehearsal `rehearsal/<phase>` of a phase file."""
-    return rehearse(load_phase(name.removeprefix(PREFIX), phases_dir), load_overlay(overlay_path), str(overlay_path))
+    return rehearse(load_phase(name.removeprefix(PREFIX), phases_dir), load_overlay(overlay_path))
 
 
 class _Record:
@@ -57,7 +57,7 @@ class _Record:
     def set(self, section: dict | list, key, value, path: str, drop: bool = False) -> None:
         """section[key] = value (`drop`: remove the key), recorded if it changes."""
         old = section[key] if isinstance(section, list) else section.get(key)
-        if old == value and not (drop and key in section):
+        if (old == value and not drop) or (drop and key not in section):
             return
         self.by_section.setdefault(path.split(".")[0], {})[path] = [copy.deepcopy(old), value]
         if drop:
@@ -71,14 +71,16 @@ class _Record:
 
 
 def _stand_in(src: dict, overlay: dict, where: str) -> dict:
+    """The local source standing in for hub source `src`: its `format`, records converted from the file's own."""
     ins = overlay["stand_ins"]
     found = ins.get(f"{src['hub_id']}:{src.get('split', 'train')}") or ins.get(src["hub_id"])
     if found is None:
-        raise ConfigError(f"{where}: no local stand-in for hub dataset {src['hub_id']!r} in {REHEARSAL_FILE} "
-                          f"(stand_ins)")
-    out = {k: v for k, v in src.items() if k not in ("kind", "hub_id", "split")}
-    return {**out, "kind": "jsonl", "path": found["path"], "convert_from": found["from"]} \
-        if found["from"] != src.get("format", "messages") else {**out, "kind": "jsonl", "path": found["path"]}
+        raise ConfigError(f"{where}: no local stand-in for hub dataset {src['hub_id']!r} in {overlay['source']} "
+                          "(stand_ins)")
+    new = {**{k: v for k, v in src.items() if k not in ("hub_id", "split")}, "kind": "jsonl", "path": found["path"]}
+    if found["from"] != src.get("format", "messages"):
+        new["convert_from"] = found["from"]
+    return new
 
 
 def _run(run: dict, overlay: dict, where: str) -> tuple[dict, dict]:
@@ -119,8 +121,9 @@ def _dataset(ds: dict, overlay: dict) -> tuple[dict, dict]:
     return ds, rec.by_section.get("dataset", {})
 
 
-def rehearse(phase: Phase, overlay: dict, source: str) -> Phase:
+def rehearse(phase: Phase, overlay: dict) -> Phase:
     """`phase` with the overlay's substitutions; `Phase.rehearsal` holds them for the planner and the report."""
+    source = overlay["source"]
     runs, subs, left_out = {}, {}, {}
     for name, run in phase.runs.items():
         where = f"{phase.file}: runs.{name}"
@@ -149,7 +152,7 @@ def stage_record(phase: Phase, run: str, stage: str, config: dict, dataset: dict
     for key in config:
         section = STAGE_SECTION.get(key, key)
         found = subs.get(section.split(".")[0], {})
-        out.update({p: v for p, v in found.items() if p.startswith(section)})
+        out.update({p: v for p, v in found.items() if p == section or p.startswith(section + ".")})
     out.update({p: v for p, v in subs.get("resources", {}).items() if p == f"resources.{stage}"})
     if dataset is not None:
         out.update(phase.rehearsal["datasets"].get(dataset["name"], {}))
