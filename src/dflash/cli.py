@@ -58,10 +58,20 @@ def _job_registry(stage: str, key: str):
     return reg
 
 
+def _claim_gpus(reg, stage: str, key: str, phase: str | None = None) -> None:
+    """Give a local job the GPUs its stage asks for (dflash.launch.gpus); a no-op under Slurm or without GPUs."""
+    from dflash.launch.gpus import claim
+    from dflash.launch.slurm import stage_resources
+
+    claim(reg.results.root, stage_resources(reg.get(stage, key).resources_for(phase))["gpus"])
+
+
 def cmd_stage(args) -> int:
     from dflash.stages import runner
 
-    print(runner.run(_job_registry(args.stage, args.key), args.stage, args.key))
+    reg = _job_registry(args.stage, args.key)
+    _claim_gpus(reg, args.stage, args.key)
+    print(runner.run(reg, args.stage, args.key))
     return 0
 
 
@@ -131,7 +141,9 @@ def cmd_provenance(args) -> int:
 def cmd_launch(args) -> int:
     from dflash.launch import commands
 
-    commands.run(_job_registry(args.stage, args.key), args.stage, args.key, args.phase)    # replaces this process
+    reg = _job_registry(args.stage, args.key)
+    _claim_gpus(reg, args.stage, args.key, args.phase)
+    commands.run(reg, args.stage, args.key, args.phase)    # replaces this process (the GPU slots stay held)
     return 0
 
 

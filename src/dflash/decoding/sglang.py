@@ -1,7 +1,8 @@
 """The SGLang engine (optional `sglang` extra, GPU only): server lifecycle, /generate client, replicas.
 
-A server is `python -m sglang.launch_server` for the target, bound to loopback on a free port, in its own process
-group (new session) with its log in a file; the DFlash server adds `--speculative-algorithm DFLASH
+A server is `python -m dflash.decoding.sglang_launch` (SGLang's `sglang.launch_server` with two fixes for
+sglang 0.5.11 under transformers 5, see that module) for the target, bound to loopback on a free port, in its own
+process group (new session) with its log in a file; the DFlash server adds `--speculative-algorithm DFLASH
 --speculative-draft-model-path <converted draft> --speculative-num-draft-tokens <block size>` (sglang >= 0.5.11).
 It is healthy once `/health_generate` answers 200; a server that exits first fails at once with its log tail. It is
 always stopped as a whole group: SIGTERM, then SIGKILL after a grace period (TP workers may outlive SIGTERM).
@@ -35,7 +36,7 @@ from pathlib import Path
 from dflash.plan.config import section_defaults
 from dflash.ports import free_ports
 
-SERVER_MODULE = "sglang.launch_server"
+SERVER_MODULE = "dflash.decoding.sglang_launch"   # runs sglang.launch_server, patched
 MIN_VERSION = "0.5.11"                      # first PyPI release with DFLASH
 HOST = "127.0.0.1"
 PORT_PLACEHOLDER = "{port}"                 # replaced by the process that starts the server (see Replica)
@@ -125,7 +126,8 @@ class ServerSpec:
 
 
 def server_command(spec: ServerSpec) -> list[str]:
-    """`python -m sglang.launch_server ...` for one server. SGLang sets num_steps = topk = 1 for DFLASH itself."""
+    """`python -m dflash.decoding.sglang_launch ...` (sglang.launch_server's arguments) for one server. SGLang sets
+    num_steps = topk = 1 for DFLASH itself."""
     cmd = [spec.python, "-m", SERVER_MODULE, "--model-path", str(spec.model_path), "--host", spec.host,
            "--port", str(spec.port), "--tp-size", str(spec.tp_size), "--dtype", spec.dtype,
            "--random-seed", str(spec.seed)]
@@ -181,19 +183,14 @@ def served_target(model_dir: Path, scratch: Path) -> Path:
 
 
 def check_draft(draft_dir: Path, target_layers: int) -> None:
-    """Refuse what SGLang's DFLASH would serve wrongly or not at all (sglang 0.5.11-0.5.12 read from their wheels):
-    it never captures the target's last layer as a feature, and it reads the drafter's RoPE theta from a config
-    attribute that transformers 5 keeps in `rope_parameters`, so any theta but 1e6 is replaced by 1e6 silently."""
+    """Refuse what SGLang's DFLASH would not serve (sglang 0.5.11-0.5.12 read from their wheels): it never captures
+    the target's last layer as a feature. (Its reading of the drafter's RoPE theta from a config attribute that
+    transformers 5 keeps in `rope_parameters` is fixed by the launcher, dflash.decoding.sglang_launch.)"""
     cfg = json.loads((Path(draft_dir) / "config.json").read_text())
     ids = (cfg.get("dflash_config") or {}).get("target_layer_ids") or cfg.get("target_layer_ids") or []
     if ids and max(ids) >= target_layers - 1:
         raise ValueError(f"engine sglang: the drafter reads target layer {max(ids)}, the last of the target's "
                          f"{target_layers}; SGLang never captures the last layer (drafter.target_layer_ids)")
-    theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta") or 1e6
-    if float(theta) != 1e6:
-        raise ValueError(f"engine sglang: the drafter's RoPE theta is {theta:g}, and SGLang's DFLASH draft model "
-                         "reads theta from a config attribute transformers 5 no longer sets, serving 1e6 instead; "
-                         "its tau would be silently wrong. Bench it with the hf engine")
 
 
 def with_port(cmd: list[str], port: int) -> list[str]:
