@@ -5,7 +5,7 @@
 #
 # What the GPU machine lacks (snakemake, jsonschema, ray[train], wandb and their dependencies) travels as wheels:
 #
-#   bash benchmarks/gpu_pipeline.sh wheels            # here, with PyPI: .whl/part-* (50 MB each) + .whl/SHA256SUMS
+#   bash benchmarks/gpu_pipeline.sh wheels            # here, with PyPI: .whl/part-* (53 MB each) + .whl/SHA256SUMS
 #   bash benchmarks/gpu_pipeline.sh stash             # there, once per part (calls within the machine's warm time)
 #   bash benchmarks/gpu_pipeline.sh install smoke     # there, after the last part: join, check, install, run
 #   bash benchmarks/gpu_pipeline.sh install throughput
@@ -24,7 +24,7 @@ WHL=.whl
 STASH=/tmp/dflash-wheels
 SITE=/tmp/dflash-site
 OUT=${OUT:-results/gpu_pipeline}
-PART_BYTES=50000000
+PART_BYTES=53000000         # the last part + the SGLang wheels (benchmarks/sglang_install.sh) fit one call
 WHEELS=${WHEELS:-pipeline}
 PY=${PYTHON:-python3}
 
@@ -145,6 +145,21 @@ wait_smollm2() {     # until Snakemake is done or ~9 minutes passed; then, once 
   tar -C docs/results -czf "$OUT/smollm2-published.tgz" smollm2.new
   tar -czf "$OUT/smollm2-logs.tgz" results/logs "$OUT/smollm2.snakemake.log"
   echo "smollm2: done"
+}
+
+smoke_sglang() {     # issue 17: the smoke phase's target and drafter served by SGLang vs the HF engine, bf16
+  environment
+  eval "$(bash benchmarks/sglang_install.sh env)"
+  local repo=/tmp/dflash-smoke-sglang t0=$SECONDS
+  rm -rf "$repo" && mkdir -p "$repo"
+  cp -r Snakefile rules workflow configs src pyproject.toml "$repo"/
+  tar -C "$repo" -xzf .gpu/smoke-results.tgz       # the `smoke` stages built elsewhere (equal keys up to convert)
+  # the carried stage directories have fresh mtimes and no Snakemake metadata: rerun only what is missing
+  (cd "$repo" && snakemake smoke_sglang --cores "$(nproc)" --resources gpu=2 --rerun-triggers input params \
+    --keep-going > "$OUT/smoke_sglang.snakemake.log" 2>&1) || tail -40 "$OUT/smoke_sglang.snakemake.log"
+  echo "smoke_sglang: $((SECONDS - t0)) s"
+  (cd "$repo" && dflash audit smoke_sglang | tee "$OUT/smoke_sglang.audit.txt"
+   tar -czf "$OUT/smoke_sglang.tgz" results/reports results/bench results/logs)
 }
 
 for step in "$@"; do "$step"; done
