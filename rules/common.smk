@@ -6,12 +6,14 @@ the target `<phase>` builds the rehearsal's report."""
 import sys
 
 from dflash.launch.slurm import load_cluster, slurm_resources, stage_resources
-from dflash.plan.keys import canonical_json, load_registry
+from dflash.plan.keys import REHEARSAL_ENV, canonical_json, load_registry
 from dflash.plan.rehearsal import PREFIX as REHEARSAL
 from dflash.stages import BY_NAME
 
 REHEARSE = str(config.get("rehearse", "0")).lower() not in ("0", "", "false", "no")
 REG = load_registry(tolerant=True, rehearse=REHEARSE)
+if REHEARSE:        # jobs look their stage up among the rehearsals first (dflash.plan.keys.registry_of)
+    shell.prefix(f"set -euo pipefail; export {REHEARSAL_ENV}=1; ")
 PHASES = sorted(REG.phases)
 # A stage several phases share (equal key) runs with the resources of the first phase that plans it, or of the phase
 # named by `--config resources_of=PHASE` (e.g. `snakemake smoke_gpu_ray --config resources_of=smoke_gpu_ray` launches

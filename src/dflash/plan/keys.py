@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -193,9 +194,15 @@ def _load(name: str, phases_dir: Path) -> Phase:
     return rehearsal.load(name, phases_dir) if rehearsal.is_rehearsal(name) else load_phase(name, phases_dir)
 
 
+REHEARSAL_ENV = "DFLASH_REHEARSE"         # set (to 1) in the jobs of `snakemake --config rehearse=1`
+
+
 def registry_of(stage: str, key: str) -> Registry:
-    """The registry that plans stage instance (stage, key): every phase's, else every rehearsal's (tolerant)."""
-    reg = load_registry(tolerant=True)
-    if (stage, key) in reg.instances or any(r.key == key for r in reg.reports.values()):
-        return reg
-    return load_registry(tolerant=True, rehearse=True)
+    """The registry that plans stage instance (stage, key): every phase's, else every rehearsal's (tolerant); the
+    rehearsals first where REHEARSAL_ENV says the job belongs to a rehearsal."""
+    order = (True, False) if os.environ.get(REHEARSAL_ENV, "") not in ("", "0") else (False, True)
+    for rehearse in order:
+        reg = load_registry(tolerant=True, rehearse=rehearse)
+        if (stage, key) in reg.instances or any(r.key == key for r in reg.reports.values()):
+            return reg
+    return reg

@@ -135,13 +135,20 @@ def rehearse(phase: Phase, overlay: dict) -> Phase:
         new, subs[name] = _run(run, overlay, where)      # valid: the phase's run with values of the valid overlay
         check_run(new, f"{source} on {where}")
         runs[name] = new
-    datasets, ds_subs = [], {}
+    keep = overlay.get("datasets")
+    if keep is not None and not any(ds["name"] in keep for ds in phase.datasets):
+        keep = None                             # a phase with none of them keeps its own (e.g. the synthetic sets)
+    datasets, ds_subs, ds_left_out = [], {}, []
     for ds in phase.datasets:
+        if keep is not None and ds["name"] not in keep:
+            ds_left_out.append(ds["name"])
+            continue
         new, ds_subs[ds["name"]] = _dataset(ds, overlay)
         datasets.append(new)
     return replace(phase, name=PREFIX + phase.name, runs=runs, datasets=datasets, chain=[*phase.chain, source],
                    rehearsal={"overlay": source, "description": overlay.get("description", "").strip(),
-                              "runs": subs, "datasets": ds_subs, "left_out": left_out})
+                              "runs": subs, "datasets": ds_subs, "left_out": left_out,
+                              "datasets_left_out": ds_left_out})
 
 
 def stage_record(phase: Phase, run: str, stage: str, config: dict, dataset: dict | None) -> dict:

@@ -425,8 +425,10 @@ def markdown(ph: Phase, data: dict, t: dict[str, list[dict]]) -> str:
     if ph.rehearsal:
         head = [f"# REHEARSAL of phase `{ph.name.removeprefix(REHEARSAL)}`",
                 f"{ph.rehearsal['description']} Overlay `{ph.rehearsal['overlay']}`: every stage's `provenance.json` "
-                "lists what it substituted (config `rehearsal`: field -> [the phase's value, the rehearsal's]). The "
-                "phase:", ph.description.strip()]
+                "lists what it substituted (config `rehearsal`: field -> [the phase's value, the rehearsal's])."
+                + "".join(f" Run `{r}` left out: {why}." for r, why in ph.rehearsal["left_out"].items())
+                + (f" Datasets left out: {', '.join(ph.rehearsal['datasets_left_out'])}."
+                   if ph.rehearsal["datasets_left_out"] else "") + " The phase:", ph.description.strip()]
     parts = [
         *head,
         f"Config: `{ph.file}`. Every number below is recomputed from the bench records and training metrics of the "
