@@ -80,6 +80,18 @@ def dflash(repo: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "dflash"), *args], cwd=repo, capture_output=True, text=True, env=env())
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small models: extra threads only contend on a shared machine (restored afterwards). Modules that run tiny
+    models use it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def repo(tmp_path) -> Path:
     return copy_repo(tmp_path / "repo")

@@ -37,13 +37,7 @@ MT_BENCH = [{"question_id": 901, "category": "math", "turns": ["What is 12 plus 
 HUB_ID, COMMIT = "z-lab/tiny-DFlash-b16", "0123456789abcdef0123456789abcdef01234567"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models: extra threads only contend on a shared machine (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------- engine interface

@@ -27,13 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPT = [5, 17, 3, 42, 8, 9, 11]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: extra threads only contend on a shared machine (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pattern_proposer(truth, pattern, vocab):
