@@ -16,6 +16,7 @@ from importlib import metadata
 from pathlib import Path
 
 from dflash.checksums import sha256_file, tree_checksums
+from dflash.errors import DataError
 from dflash.plan.keys import upstream_pairs
 from dflash.plan.paths import Results
 
@@ -149,7 +150,16 @@ def write(directory: Path, prov: dict) -> None:
 
 
 def read(directory: Path) -> dict:
-    return json.loads((Path(directory) / PROVENANCE).read_text())
+    """A stage directory's provenance record; DataError names the file when it is not a JSON object (truncated,
+    edited)."""
+    path = Path(directory) / PROVENANCE
+    try:
+        prov = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: unreadable ({e}); remove {path.parent} and rerun its stage") from None
+    if not isinstance(prov, dict):
+        raise DataError(f"{path}: not a provenance record (a JSON object); remove {path.parent} and rerun its stage")
+    return prov
 
 
 def find_dir(path: Path) -> Path:
