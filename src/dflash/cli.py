@@ -17,6 +17,7 @@ from dflash.plan.config import phase_names
 from dflash.plan.keys import load_registry, registry_of
 from dflash.plan.paths import Results
 from dflash.plan.rehearsal import PREFIX as REHEARSAL
+from dflash.processes import end_with_starter
 
 USER_ERROR = 2
 USER_ERRORS = (UserError, FileNotFoundError)
@@ -71,7 +72,9 @@ def _claim_gpus(reg, stage: str, key: str, phase: str | None = None) -> None:
 def cmd_stage(args) -> int:
     from dflash.stages import runner
 
+    end_with_starter()
     reg = _job_registry(args.stage, args.key)
+    runner.lock(reg.results, args.stage, args.key)
     _claim_gpus(reg, args.stage, args.key)
     print(runner.run(reg, args.stage, args.key))
     return 0
@@ -160,8 +163,11 @@ def cmd_provenance(args) -> int:
 
 def cmd_launch(args) -> int:
     from dflash.launch import commands
+    from dflash.stages import runner
 
+    end_with_starter()
     reg = _job_registry(args.stage, args.key)
+    runner.lock(reg.results, args.stage, args.key)
     _claim_gpus(reg, args.stage, args.key, args.phase)
     commands.run(reg, args.stage, args.key, args.phase)    # replaces this process (the GPU slots stay held)
     return 0
@@ -191,7 +197,7 @@ def cmd_audit(args) -> int:
 def cmd_publish(args) -> int:
     from dflash.results import publish
 
-    counts = publish.publish(_registry(args, [args.phase]).results, args.phase, Path(args.dest))
+    counts = publish.publish(_registry(args, [args.phase]).results, args.phase, Path(args.dest), args.force)
     print(f"published {args.phase} to {args.dest}: {counts['dirs']} directories, {counts['copied']} files, "
           f"{counts['omitted']} weights files left out (listed in {publish.OMITTED}); check it with "
           f"`dflash audit {args.phase} --results {args.dest}`")
@@ -263,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("phase")
     s.add_argument("dest")
     s.add_argument("--results", default=None, help="results tree to copy from (default: results/)")
+    s.add_argument("--force", action="store_true", help="publish into a folder that holds another phase's "
+                   "publication (added beside it; nothing of it is removed)")
     s.set_defaults(fn=cmd_publish)
     s = sub.add_parser("gc", help="list result directories that no phase references (--delete removes them)")
     s.add_argument("--delete", action="store_true", help="remove them")
