@@ -122,6 +122,7 @@ def end_with_starter(sig: int = signal.SIGTERM) -> None:
         parent_death_signal(signal.SIGKILL)
         if os.getppid() == job:
             os.closerange(3, pidfd)
+            os.closerange(pidfd + 1, os.sysconf("SC_OPEN_MAX"))
             poll = select.poll()
             poll.register(pidfd, select.POLLIN)
             poll.poll()
