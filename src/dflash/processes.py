@@ -87,14 +87,15 @@ def _name_of(pid: int) -> str:
 
 
 def job_starter() -> int:
-    """The process that started this job: the parent, or the parent's parent where the parent is a shell that runs
-    the job's command line (Snakemake runs each job through bash, which stays alive when Snakemake is killed)."""
-    parent = os.getppid()
-    if _name_of(parent) in SHELLS:
-        grand = _parent_of(parent)
-        if grand and grand > 1:
-            return grand
-    return parent
+    """The process that started this job: the nearest ancestor that is not a shell running the job's command line
+    (Snakemake runs each job through bash, which stays alive when Snakemake is killed; a Ray launch adds a script)."""
+    pid = os.getppid()
+    while _name_of(pid) in SHELLS:
+        up = _parent_of(pid)
+        if not up or up <= 1:
+            break
+        pid = up
+    return pid
 
 
 def end_with_starter(sig: int = signal.SIGTERM) -> None:
