@@ -193,24 +193,28 @@ def test_a_stage_job_ends_with_its_killed_snakemake(repo):
 
 # ---- 4. a phase file broken in ways a schema cannot see is left out, like a schema error --------------------------
 
-BROKEN = {         # each a whole phase file (checked before the schema is)
-    "p_nan": ("defaults: {train: {lr: .nan}}\n", "defaults.train.lr: nan is not a finite number"),
-    "p_inf": ("defaults: {train: {lr: .inf}}\n", "defaults.train.lr: inf is not a finite number"),
-    "p_big": ("defaults: {train: {lr: 1e999}}\n", "defaults.train.lr: inf is not a finite number"),
-    "p_byte": (b"description: caf\xe9\n", "not UTF-8 text (byte 0xe9 at offset 16)"),
-    "p_null": ("runs: {main: {}, null: {}}\n", "runs: key null is not a string (quote it)"),
-    "p_int": ("runs: {1: {}, \"1\": {}}\n", "runs: key 1 is not a string (quote it)"),
-    "p_evil": ("extends: ../../../evil\n", "extends: '../../../evil' is not a phase name (a file of configs/phases"),
-    "p_dup": ("references: []\nreferences: []\n", "not valid YAML: duplicate key 'references' (first given on line "
-              "1) (line 2, column 1)"),
+BROKEN = {         # smoke.yaml with one fault: (text replaced, its replacement, the message)
+    "p_nan": ("lr: 3.0e-3, min_lr", "lr: .nan, min_lr", "defaults.train.lr: nan is not a finite number"),
+    "p_inf": ("lr: 3.0e-3, min_lr", "lr: .inf, min_lr", "defaults.train.lr: inf is not a finite number"),
+    "p_big": ("lr: 3.0e-3, min_lr", "lr: 1e999, min_lr", "defaults.train.lr: inf is not a finite number"),
+    "p_byte": ("CPU smoke", "CPU smok\udce9", "not UTF-8 text (byte 0xe9 on line 2)"),
+    "p_null": ("  main: {}", "  main: {}\n  null: {}", "runs: key null is not a string (quote it)"),
+    "p_int": ("  main: {}", "  1: {}\n  \"1\": {}", "runs: key 1 is not a string (quote it)"),
+    "p_evil": ("description:", "extends: ../../../evil\ndescription:",
+               "extends: '../../../evil' is not a phase name (a file of configs/phases"),
+    "p_dup": ("references: []", "references: []\nreferences: []",
+              "not valid YAML: duplicate key 'references' (first given on line 25) (line 26, column 1)"),
 }
 
 
 def test_broken_phase_files_are_left_out_with_one_line_each(repo):
-    for name, (text, _) in BROKEN.items():
-        _phase(repo, name, text)
-    _phase(repo, "two\nlines", (repo / SMOKE).read_text())
-    for name, (_, message) in BROKEN.items():
+    smoke = (repo / SMOKE).read_text()
+    (repo.parent / "evil.yaml").write_text(smoke)                   # what `extends: ../../../evil` reached
+    for name, (old, new, _) in BROKEN.items():
+        assert old in smoke
+        _phase(repo, name, smoke.replace(old, new, 1).encode("utf-8", "surrogateescape"))
+    _phase(repo, "two\nlines", smoke)
+    for name, (_, _, message) in BROKEN.items():
         assert f"configs/phases/{name}.yaml: {message}" in _one_line_error(dflash(repo, "plan", name)), name
     assert dflash(repo, "plan", "smoke").returncode == 0
     _one_line_error(dflash(repo, "gc"))                              # gc stays strict, in one line

@@ -51,12 +51,12 @@ _Loader.add_implicit_resolver(
 
 
 def load_yaml(path: Path) -> Any:
+    raw = Path(path).read_bytes()
     try:
-        with open(path, encoding="utf-8") as f:
-            return yaml.load(f, Loader=_Loader)
+        return yaml.load(raw.decode("utf-8"), Loader=_Loader)
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{_display(path)}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") \
-            from None
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{_display(path)}: not UTF-8 text (byte {raw[e.start]:#04x} on line {line})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{_display(path)}: not valid YAML: {_one_line(e)}") from None
 
