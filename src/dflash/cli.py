@@ -1,7 +1,8 @@
 """The `dflash` command: plan a phase, run one stage (what Snakemake rules call), show provenance, build reports.
 
 Exit codes: 0 success, 1 a check found problems (audit), 2 a user error (config, input files, missing results;
-one line on stderr), anything else a bug (with its traceback). `--debug` shows the traceback of user errors too.
+one line on stderr), 141 when the reader of stdout quit early (as a process killed by SIGPIPE), anything else a
+bug (with its traceback). `--debug` shows the traceback of user errors too.
 """
 
 from __future__ import annotations
