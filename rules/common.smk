@@ -67,8 +67,10 @@ def owner(stage, key):
 
 
 def job_phase(stage):
-    """Params function: the phase whose resources the job uses (passed to `dflash launch --phase`)."""
-    return lambda wildcards: owner(stage, wildcards.key)
+    """Params function: the phase whose resources the job uses (passed to `dflash launch --phase`). Which phases plan
+    a shared stage is not what it reads, so this must not rerun it: a params function that takes `resources` counts
+    as derived from them in Snakemake, and derived params are no rerun trigger."""
+    return lambda wildcards, resources: owner(stage, wildcards.key)
 
 
 def job_resources(stage):

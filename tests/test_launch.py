@@ -17,6 +17,8 @@ import pytest
 
 from conftest import BIN, ROOT, copy_repo, dflash, env, snakemake
 from dflash.launch import commands, profiles, slurm
+from dflash.plan.paths import Results
+from dflash.stages import runner
 
 CLUSTER = {"account": "proj1", "partition": "cpu", "gpu_partition": "gpu", "gpu_model": "h100", "qos": None,
            "constraint": None}
@@ -212,6 +214,7 @@ def test_launch_run_execs(monkeypatch, capsys):
             return type("I", (), {"resources_for": lambda self, phase: {"gpus": 8}})()
 
     seen = []
+    monkeypatch.delenv(runner.LOCK_ENV, raising=False)            # the lock this process takes is forgotten after
     monkeypatch.setattr(commands, "dflash_exe", lambda: "dflash")
     monkeypatch.setattr(commands.os, "execvp", lambda exe, argv: seen.append(argv))
     commands.run(Reg(), "train", "abc")
@@ -465,7 +468,7 @@ def test_a_shared_stage_takes_the_resources_of_the_phase_named_in_config(repo):
     assert "dflash launch train" in chosen.stdout and "--phase smoke_gpu_ray" in chosen.stdout
 
 
-def test_launch_phase_option_picks_that_phases_request(monkeypatch):
+def test_launch_phase_option_picks_that_phases_request(monkeypatch, tmp_path):
     class Inst:
         resources = {"gpus": 2, "launcher": "torchrun"}
 
@@ -473,10 +476,13 @@ def test_launch_phase_option_picks_that_phases_request(monkeypatch):
             return {"gpus": 2, "launcher": "ray"} if phase == "p_ray" else self.resources
 
     class Reg:
+        results = Results(tmp_path)
+
         def get(self, stage, key):
             return Inst()
 
     seen = []
+    monkeypatch.delenv(runner.LOCK_ENV, raising=False)            # the lock this process takes is forgotten after
     monkeypatch.setattr(commands, "dflash_exe", lambda: "dflash")
     monkeypatch.setattr(commands.os, "execvp", lambda exe, argv: seen.append(argv))
     commands.run(Reg(), "train", "abc", "p_ray")

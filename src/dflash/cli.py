@@ -1,24 +1,28 @@
 """The `dflash` command: plan a phase, run one stage (what Snakemake rules call), show provenance, build reports.
 
 Exit codes: 0 success, 1 a check found problems (audit), 2 a user error (config, input files, missing results;
-one line on stderr), anything else a bug (with its traceback). `--debug` shows the traceback of user errors too.
+one line on stderr), 141 when the reader of stdout quit early (as a process killed by SIGPIPE), anything else a
+bug (with its traceback). `--debug` shows the traceback of user errors too.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from dflash.errors import UserError
+from dflash.errors import DataError, InputError, UserError
 from dflash.plan.config import phase_names
 from dflash.plan.keys import load_registry, registry_of
 from dflash.plan.paths import Results
 from dflash.plan.rehearsal import PREFIX as REHEARSAL
+from dflash.processes import end_with_starter
 
 USER_ERROR = 2
-USER_ERRORS = (UserError, FileNotFoundError, KeyError)
+USER_ERRORS = (UserError, FileNotFoundError)
+SIGPIPE_EXIT = 141          # as a process killed by SIGPIPE: the reader of stdout quit early (`dflash audit | head`)
 
 
 def _registry(args, only: list[str] | None = None):
@@ -69,7 +73,9 @@ def _claim_gpus(reg, stage: str, key: str, phase: str | None = None) -> None:
 def cmd_stage(args) -> int:
     from dflash.stages import runner
 
+    end_with_starter()
     reg = _job_registry(args.stage, args.key)
+    runner.lock(reg.results, args.stage, args.key)
     _claim_gpus(reg, args.stage, args.key)
     print(runner.run(reg, args.stage, args.key))
     return 0
@@ -95,14 +101,19 @@ def cmd_report(args) -> int:
 
 def cmd_compare(args) -> int:
     from dflash.decoding import metrics
-    from dflash.results.report import bench_summary, read_jsonl
+    from dflash.results.report import bench_summary
 
     dirs = [Path(args.a), Path(args.b)]
     for d in dirs:
         if not (d / "records.jsonl").is_file():
-            raise FileNotFoundError(f"{d}: no records.jsonl (expected a bench stage directory)")
-    res = metrics.compare(*(read_jsonl(d / "records.jsonl") for d in dirs))
-    res["tau"] = [bench_summary(d)["tau_macro"] for d in dirs]
+            raise InputError(f"{d}: no records.jsonl (expected a bench stage directory)")
+    res = metrics.compare(*(_bench_records(d / "records.jsonl") for d in dirs))
+    res["tau"] = []
+    for d in dirs:
+        try:
+            res["tau"].append(bench_summary(d)["tau_macro"])
+        except (ValueError, KeyError, TypeError) as e:       # records passed the checks above: the summary is bad
+            raise DataError(f"{d / 'summary.json'}: not a bench summary ({e!r})") from None
     if args.json:
         print(json.dumps(res, indent=1))
         return 0
@@ -115,6 +126,19 @@ def cmd_compare(args) -> int:
           f"{res['equal_outputs']}/{res['compared']}; tau A {res['tau'][0]:.4f}, B {res['tau'][1]:.4f} "
           f"(difference {res['tau'][1] - res['tau'][0]:+.4f})")
     return 0
+
+
+def _bench_records(path: Path) -> list[dict]:
+    """A bench's records.jsonl, each record checked for the fields `compare` matches and measures on."""
+    from dflash.data.jsonl import iter_jsonl
+
+    records = []
+    for where, _, rec in iter_jsonl(path):
+        if not isinstance(rec.get("prompt_id"), str) or not isinstance(rec.get("turn"), int) \
+                or not isinstance(rec.get("accept_lengths"), list):
+            raise DataError(f"{where}: not a bench record (needs prompt_id, turn and accept_lengths)")
+        records.append(rec)
+    return records
 
 
 def cmd_provenance(args) -> int:
@@ -140,8 +164,11 @@ def cmd_provenance(args) -> int:
 
 def cmd_launch(args) -> int:
     from dflash.launch import commands
+    from dflash.stages import runner
 
+    end_with_starter()
     reg = _job_registry(args.stage, args.key)
+    runner.lock(reg.results, args.stage, args.key)
     _claim_gpus(reg, args.stage, args.key, args.phase)
     commands.run(reg, args.stage, args.key, args.phase)    # replaces this process (the GPU slots stay held)
     return 0
@@ -157,8 +184,13 @@ def cmd_install_profiles(args) -> int:
 
 def cmd_audit(args) -> int:
     from dflash.results import audit
+    from dflash.results.provenance import PROVENANCE
 
-    result = audit.audit(_registry(args, [args.phase]), args.phase)
+    reg = _registry(args, [args.phase])
+    if not (reg.results.report_dir(args.phase) / PROVENANCE).is_file():
+        raise InputError(f"{reg.results.report_dir(args.phase)}: no report (no {PROVENANCE}); build it with "
+                         f"`snakemake {args.phase}`")
+    result = audit.audit(reg, args.phase)
     print(result.summary())
     return 0 if result.ok else 1
 
@@ -166,7 +198,7 @@ def cmd_audit(args) -> int:
 def cmd_publish(args) -> int:
     from dflash.results import publish
 
-    counts = publish.publish(_registry(args, [args.phase]).results, args.phase, Path(args.dest))
+    counts = publish.publish(_registry(args, [args.phase]).results, args.phase, Path(args.dest), args.force)
     print(f"published {args.phase} to {args.dest}: {counts['dirs']} directories, {counts['copied']} files, "
           f"{counts['omitted']} weights files left out (listed in {publish.OMITTED}); check it with "
           f"`dflash audit {args.phase} --results {args.dest}`")
@@ -238,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("phase")
     s.add_argument("dest")
     s.add_argument("--results", default=None, help="results tree to copy from (default: results/)")
+    s.add_argument("--force", action="store_true", help="publish into a folder that holds another phase's "
+                   "publication (added beside it; nothing of it is removed)")
     s.set_defaults(fn=cmd_publish)
     s = sub.add_parser("gc", help="list result directories that no phase references (--delete removes them)")
     s.add_argument("--delete", action="store_true", help="remove them")
@@ -245,12 +279,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
     args = p.parse_args(argv)
     try:
-        return args.fn(args)
+        code = args.fn(args)
+        sys.stdout.flush()                  # inside the try: a reader that quit early is seen here
+        return code
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())     # no second error when Python flushes
+        return SIGPIPE_EXIT
     except USER_ERRORS as e:
         if args.debug:
             raise
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e     # KeyError's str() adds quotes
-        print(f"dflash: error: {message}", file=sys.stderr)
+        print(f"dflash: error: {e}", file=sys.stderr)
         return USER_ERROR
 
 

@@ -322,7 +322,13 @@ def _iter_parquet(path: Path) -> Iterator[tuple[str, Mapping[str, Any]]]:
         import pyarrow.parquet as pq
     except ImportError as exc:  # pragma: no cover - pyarrow ships with `datasets`
         raise ImportError(f"reading {path} needs pyarrow: pip install 'dflash[hub]' (datasets brings pyarrow)") from exc
-    for i, record in enumerate(pq.read_table(path).to_pylist(), start=1):
+    import pyarrow
+
+    try:
+        table = pq.read_table(path)
+    except (pyarrow.ArrowException, OSError) as exc:
+        raise DataError(f"{path}: not a readable parquet file ({' '.join(str(exc).split())})") from None
+    for i, record in enumerate(table.to_pylist(), start=1):
         yield f"{path}, row {i}", record
 
 

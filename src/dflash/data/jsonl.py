@@ -13,12 +13,17 @@ from dflash.errors import DataError
 def iter_jsonl(path: Path) -> Iterator[tuple[str, int, dict[str, Any]]]:
     """(where, line index from 0, record) per non-blank line; `where` names the file, row and line for messages."""
     row_no = 0
-    with open(path, encoding="utf-8") as f:
-        for index, line in enumerate(f):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for index, raw in enumerate(f):
+            if not raw.strip():
                 continue
             row_no += 1
             where = f"{path}, row {row_no} (line {index + 1})"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{where}: not UTF-8 text (byte {raw[exc.start]:#04x} at column {exc.start + 1})") \
+                    from None
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:

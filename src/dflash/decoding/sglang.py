@@ -17,7 +17,6 @@ The sglang package is never imported here: the server runs as a subprocess, so o
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import importlib.metadata
 import importlib.util
 import json
@@ -35,6 +34,7 @@ from pathlib import Path
 
 from dflash.plan.config import section_defaults
 from dflash.ports import free_ports
+from dflash.processes import parent_death_hook
 
 SERVER_MODULE = "dflash.decoding.sglang_launch"   # runs sglang.launch_server, patched
 MIN_VERSION = "0.5.11"                      # first PyPI release with DFLASH
@@ -253,23 +253,6 @@ def kill_group(pgid: int, proc: subprocess.Popen | None = None, grace_s: float =
             proc.wait(timeout=5)
 
 
-def _parent_death_hook():
-    """A preexec function asking Linux to SIGTERM the server when the thread that started it dies (so a killed
-    driver does not leave servers holding GPUs; best effort, the leader then stops its own children). libc is
-    loaded here, in the parent: the child only makes the system call. Start servers from long-lived threads."""
-    if sys.platform != "linux":
-        return None
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:
-        return None
-
-    def hook() -> None:
-        libc.prctl(1, int(signal.SIGTERM))          # PR_SET_PDEATHSIG
-
-    return hook
-
-
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     try:
         text = Path(path).read_text(errors="replace")
@@ -336,7 +319,7 @@ class SGLangServer:
             logf.write(f"$ {' '.join(self.cmd)}\n".encode())
             logf.flush()
             self.proc = subprocess.Popen(self.cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=env, start_new_session=True, preexec_fn=_parent_death_hook())
+                                         env=env, start_new_session=True, preexec_fn=parent_death_hook())
         self.pgid = self.proc.pid                      # a new session: the leader's pid is the group id
         if self.log:
             self.log(f"sglang: started pid {self.proc.pid} on {self.url}, log {self.log_path}")

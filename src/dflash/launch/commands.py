@@ -30,7 +30,7 @@ from pathlib import Path
 
 from dflash.launch.slurm import stage_resources
 from dflash.ports import free_ports
-from dflash.stages import data_parallel
+from dflash.stages import data_parallel, runner
 
 RAY_PORT_NAMES = ("port", "ray-client-server-port", "dashboard-port", "node-manager-port", "object-manager-port",
                   "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
@@ -232,6 +232,7 @@ def launch_command(stage: str, key: str, res: dict | None, env: dict | None = No
 def run(reg, stage: str, key: str, phase: str | None = None) -> None:
     """Replace this process with the launch command of a stage instance (what the train rule runs)."""
     argv = launch_command(stage, key, reg.get(stage, key).resources_for(phase))
+    runner.lock(reg.results, stage, key)                   # held by the launched processes (inherited through exec)
     shown = argv[2] if argv[:2] == ["bash", "-c"] else shlex.join(argv) + "\n"
     print(f"dflash launch {stage} {key}:\n{shown}", file=sys.stderr, end="", flush=True)
     os.execvp(argv[0], argv)

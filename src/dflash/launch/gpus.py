@@ -14,12 +14,13 @@ without NVIDIA GPUs.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from dflash.processes import try_lock
 
 SLOTS_DIR = ".gpu-slots"
 PROC_GPUS = Path("/proc/driver/nvidia/gpus")
@@ -35,19 +36,6 @@ def machine_gpus() -> int:
     except (OSError, subprocess.SubprocessError):
         return 0
     return sum(line.startswith("GPU ") for line in out.splitlines())
-
-
-def _try_lock(path: Path) -> int | None:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    os.set_inheritable(fd, True)
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    return fd
 
 
 def claim(results_root: Path, gpus: int, env=None, total: int | None = None, poll_s: float = 1.0,
@@ -69,7 +57,7 @@ def claim(results_root: Path, gpus: int, env=None, total: int | None = None, pol
     waited = False
     while True:
         for i in range(total):
-            if i not in held and len(held) < gpus and (fd := _try_lock(slots / f"{i}.lock")) is not None:
+            if i not in held and len(held) < gpus and (fd := try_lock(slots / f"{i}.lock")) is not None:
                 held[i] = fd
         if len(held) == gpus:
             break

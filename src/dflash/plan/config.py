@@ -6,6 +6,7 @@ import copy
 import functools
 import json
 import keyword
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from dflash.stages import BY_NAME
 # A phase name is a Snakemake rule name and reaches shell commands: a plain identifier, not a rule of the workflow.
 PHASE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 RESERVED = frozenset({*BY_NAME, "all"})
+MAX_NAME = 100             # phase and run names name folders and files (with prefixes and suffixes: 255 bytes at most)
 
 
 class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
@@ -49,11 +51,39 @@ _Loader.add_implicit_resolver(
 
 
 def load_yaml(path: Path) -> Any:
+    raw = Path(path).read_bytes()
     try:
-        with open(path) as f:
-            return yaml.load(f, Loader=_Loader)
+        return yaml.load(raw.decode("utf-8"), Loader=_Loader)
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{_display(path)}: not UTF-8 text (byte {raw[e.start]:#04x} on line {line})") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{_display(path)}: not valid YAML: {_one_line(e)}") from None
+
+
+def _one_line(error: yaml.YAMLError) -> str:
+    """A YAML error as one line: what is wrong and where (PyYAML's own text spans several lines)."""
+    if not isinstance(error, yaml.MarkedYAMLError):
+        return " ".join(str(error).split())
+    mark = error.problem_mark or error.context_mark
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+    what = "; ".join(" ".join(str(part).split()) for part in (error.context, error.problem) if part)
+    return what + where
+
+
+def _check_values(node: Any, where: str, path: str = "") -> None:
+    """What a JSON schema cannot see in a YAML document: mapping keys that are not strings (`null:`, `1:`) and
+    numbers that are not finite (`.nan`, `.inf`, `1e999`); either would break stage keys and JSON records later."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if not isinstance(key, str):
+                raise ConfigError(f"{where}: {path or '(top level)'}: key {json.dumps(key)} is not a string (quote it)")
+            _check_values(value, where, f"{path}.{key}" if path else key)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _check_values(value, where, f"{path}.{i}" if path else str(i))
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise ConfigError(f"{where}: {path or '(top level)'}: {node} is not a finite number")
 
 
 @functools.cache
@@ -179,10 +209,14 @@ def _read_document(name: str, phases_dir: Path, seen: tuple[str, ...] = ()) -> t
     doc = load_yaml(path)
     if doc is None:
         doc = {}
+    _check_values(doc, rel)
     if isinstance(doc, dict) and isinstance(doc.get("runs"), dict):
         doc["runs"] = {name: {} if run is None else run for name, run in doc["runs"].items()}   # `R00:` = no change
     validate(doc, rel)
     chain = [rel]
+    if "extends" in doc and not PHASE_NAME.match(doc["extends"]):
+        raise ConfigError(f"{rel}: extends: {doc['extends']!r} is not a phase name (a file of {_display(phases_dir)}"
+                          ", named without .yaml)")
     if "extends" in doc:
         parent, parent_chain = _read_document(doc["extends"], phases_dir, (*seen, name))
         chain += parent_chain
@@ -198,10 +232,13 @@ def _read_document(name: str, phases_dir: Path, seen: tuple[str, ...] = ()) -> t
 
 
 def _display(path: Path) -> str:
+    """`path` relative to the working directory where it is inside it, control characters escaped (a message
+    stays one line whatever a file is called)."""
     try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
+        text = str(path.resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
-        return str(path)
+        text = str(path)
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def check_name(name: str, phases_dir: Path = PHASES_DIR) -> None:
@@ -209,6 +246,9 @@ def check_name(name: str, phases_dir: Path = PHASES_DIR) -> None:
     if not PHASE_NAME.match(name) or keyword.iskeyword(name):
         raise ConfigError(f"{where}: the phase name {name!r} (the file name) must start with a letter and hold only "
                           "letters, digits and underscores")
+    if len(name) > MAX_NAME:
+        raise ConfigError(f"{where}: the phase name (the file name) is {len(name)} characters long; at most "
+                          f"{MAX_NAME} (it names result folders and files)")
     if name in RESERVED:
         raise ConfigError(f"{where}: the phase name {name!r} (the file name) is a rule of the workflow; rename the "
                           f"file (reserved: {', '.join(sorted(RESERVED))})")
@@ -224,6 +264,9 @@ def load_phase(name: str, phases_dir: Path = PHASES_DIR) -> Phase:
     defaults = doc.get("defaults", {})
     runs = {}
     for run_name, override in (doc.get("runs") or {"main": {}}).items():
+        if len(run_name) > MAX_NAME:
+            raise ConfigError(f"{src}: runs: the run name {run_name[:20]}... is {len(run_name)} characters long; at "
+                              f"most {MAX_NAME} (it names result folders)")
         full = fill_run(deep_merge(defaults, override))
         validate(full, f"{src}: runs.{run_name}", "run")
         check_run(full, f"{src}: runs.{run_name}")
@@ -270,21 +313,43 @@ def check_run(run: dict, where: str) -> None:
         if src["kind"] == "hub" and "hub_id" not in src:
             raise ConfigError(f"{where}.data.sources.{i}.hub_id: required when kind is 'hub'")
         if src["kind"] == "jsonl":
-            _check_local(src["path"], f"{where}.data.sources.{i}.path")
+            _check_local(src["path"], f"{where}.data.sources.{i}.path", reads=())
     if t["kind"] == "path" or (t["kind"] == "gguf" and "path" in t):
         _check_local(t["path"], f"{where}.target.path")
 
 
-def _check_local(path: str, where: str) -> None:
-    """A local file (or folder of files) a phase names must exist and hold data before anything runs."""
+def _check_local(path: str, where: str, reads: tuple[str, ...] | None = None) -> None:
+    """A local file (or folder of files) a phase names must exist and hold data before anything runs. `reads`: the
+    file names a reader takes from a folder (a benchmark set shipped as several files; () where it takes no folder);
+    None: any file of a folder (a model directory)."""
     p = Path(path)
     if p.is_dir():
-        if not any(f.is_file() and f.stat().st_size for f in p.iterdir()):
+        if reads is not None:
+            if not reads:
+                raise ConfigError(f"{where}: {path} is a folder; expected a file")
+            found = [p / name for name in reads if (p / name).is_file()]
+            if not found:
+                raise ConfigError(f"{where}: {path} is a folder without any of the files read from it: "
+                                  f"{', '.join(reads)}")
+            for f in found:
+                _check_local(str(f), where)
+        elif not any(f.is_file() and f.stat().st_size for f in p.iterdir()):
             raise ConfigError(f"{where}: {path} is an empty folder")
     elif not p.is_file():
         raise ConfigError(f"{where}: {path} not found (paths are relative to the repository root)")
     elif p.stat().st_size == 0:
         raise ConfigError(f"{where}: {path} is empty")
+    elif _blank(p):
+        raise ConfigError(f"{where}: {path} holds only whitespace")
+
+
+def _blank(path: Path, chunk: int = 1 << 16) -> bool:
+    """Whether a file holds nothing but whitespace (read until the first other byte)."""
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            if block.strip():
+                return False
+    return True
 
 
 def _check_datasets(datasets: list[dict], where: str) -> None:
@@ -301,7 +366,8 @@ def _check_datasets(datasets: list[dict], where: str) -> None:
                               "one entry per dataset")
         first[name] = i
         if "path" in ds:
-            _check_local(ds["path"], f"{where}: datasets.{i}.path")
+            _check_local(ds["path"], f"{where}: datasets.{i}.path", DATASETS[name].hub_files if name in DATASETS
+                         else ())
 
 
 def known_embedding_rows(target: dict) -> int | None:

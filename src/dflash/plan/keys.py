@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dflash.errors import ConfigError
+from dflash.errors import ConfigError, InputError
 from dflash.plan import rehearsal
 from dflash.plan.config import Phase, load_phase, phase_names
 from dflash.plan.paths import PHASES_DIR, Results
@@ -102,7 +102,7 @@ class Registry:
             return self.instances[(stage, key)]
         except KeyError:
             unread = f" (phase files not read: {'; '.join(self.broken)})" if self.broken else ""
-            raise KeyError(f"no {stage} stage with key {key} in any phase under {PHASES_DIR}{unread}") from None
+            raise InputError(f"no {stage} stage with key {key} in any phase under {PHASES_DIR}{unread}") from None
 
     def report_key(self, phase: str) -> str:
         return self.reports[phase].key
@@ -123,7 +123,7 @@ def plan_run(phase: Phase, run_name: str, run: dict, results: Results,
             if name is not None:
                 upstream[name] = keys[name]
             elif not entry.endswith("?"):
-                raise ValueError(f"{phase.file}: runs.{run_name}: stage {st.name} needs {entry}, which the run "
+                raise ConfigError(f"{phase.file}: runs.{run_name}: stage {st.name} needs {entry}, which the run "
                                  "does not plan")
         for ds in (phase.datasets if st.per_dataset else [None]):
             config = st.select(run, phase, ds)

@@ -32,6 +32,10 @@ class Results:
     def work_dir(self, stage: str, key: str) -> Path:
         return self.checkpoints / f"{stage}-{key}"
 
+    def lock_file(self, stage: str, key: str) -> Path:
+        """The lock a process holds while it builds this stage instance (one writer at a time)."""
+        return self.root / ".locks" / f"{stage}-{key}.lock"
+
     @property
     def logs(self) -> Path:
         return self.root / "logs"

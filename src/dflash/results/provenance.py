@@ -16,6 +16,7 @@ from importlib import metadata
 from pathlib import Path
 
 from dflash.checksums import sha256_file, tree_checksums
+from dflash.errors import DataError
 from dflash.plan.keys import upstream_pairs
 from dflash.plan.paths import Results
 
@@ -50,10 +51,10 @@ def tmp_owner(path: Path) -> int | None:
 
 
 @contextmanager
-def atomic_dir(final: Path, merge: bool = False) -> Iterator[Path]:
-    """Build a directory under a temporary name beside `final`, then move it into place: whole, replacing what was
-    there (an empty placeholder made by Snakemake too), or with `merge` entry by entry, other entries of `final`
-    kept. On any failure the temporary directory is removed and `final` is left as it was."""
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Build a directory under a temporary name beside `final`, then move it into place whole, replacing what was
+    there (an empty placeholder made by Snakemake too). On any failure the temporary directory is removed and
+    `final` is left as it was."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_name(final)
@@ -61,14 +62,9 @@ def atomic_dir(final: Path, merge: bool = False) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        if merge:
-            final.mkdir(exist_ok=True)
-            for entry in sorted(tmp.iterdir()):
-                _replace(entry, final / entry.name)
-        else:
-            _replace(tmp, final)
+        _replace(tmp, final)
     except BaseException:
-        if not merge and final.is_dir() and not final.is_symlink() and not any(final.iterdir()):
+        if final.is_dir() and not final.is_symlink() and not any(final.iterdir()):
             final.rmdir()                      # Snakemake's empty placeholder: no output means no directory
         raise
     finally:
@@ -149,7 +145,16 @@ def write(directory: Path, prov: dict) -> None:
 
 
 def read(directory: Path) -> dict:
-    return json.loads((Path(directory) / PROVENANCE).read_text())
+    """A stage directory's provenance record; DataError names the file when it is not a JSON object (truncated,
+    edited)."""
+    path = Path(directory) / PROVENANCE
+    try:
+        prov = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: unreadable ({e}); remove {path.parent} and rerun its stage") from None
+    if not isinstance(prov, dict):
+        raise DataError(f"{path}: not a provenance record (a JSON object); remove {path.parent} and rerun its stage")
+    return prov
 
 
 def find_dir(path: Path) -> Path:

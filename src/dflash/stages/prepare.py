@@ -31,6 +31,13 @@ def _norm(text: str) -> str:
     return " ".join(text.split()).lower()
 
 
+SHAPES = {"messages": 'expected {"messages": [{"role": ..., "content": ...}, ...]}',
+          "sharegpt": 'expected {"conversations": [{"from": ..., "value": ...}, ...]}',
+          "alpaca": 'expected {"instruction": ..., "input": ..., "output": ...}',
+          "gsm8k": 'expected {"question": ..., "answer": ...}',
+          "mbpp": 'expected {"text": ..., "code": ...}'}
+
+
 def _from_record(fmt: str, rec: dict, where: str) -> list[dict]:
     try:
         if fmt == "messages":
@@ -47,8 +54,10 @@ def _from_record(fmt: str, rec: dict, where: str) -> list[dict]:
         if fmt == "mbpp":
             return [{"role": "user", "content": rec["text"]},
                     {"role": "assistant", "content": f"```python\n{rec['code']}\n```"}]
-    except (KeyError, TypeError) as e:
+    except KeyError as e:
         raise DataError(f"{where}: missing field {e} for format {fmt!r}") from None
+    except TypeError:
+        raise DataError(f"{where}: not a record of format {fmt!r} ({SHAPES[fmt]})") from None
     raise DataError(f"{where}: unknown format {fmt!r}")
 
 

@@ -20,6 +20,7 @@ from dflash.modeling.target import embedding_rows
 from dflash.plan.config import check_mask_id
 from dflash.plan.keys import Registry, StageInstance
 from dflash.plan.paths import Results
+from dflash.processes import lock_holder, try_lock
 from dflash.results import provenance, publish
 from dflash.stages import BY_NAME
 
@@ -83,6 +84,23 @@ def check_mask_ids(reg: Registry, inst: StageInstance, upstream: dict[str, Path]
             check_mask_id(mask_id, rows, f"{reg.phases[phase].file}: runs.{run}.drafter")
 
 
+LOCK_ENV = "DFLASH_STAGE_LOCK"     # '<stage>/<key>' whose lock this process (or the launcher it runs under) holds
+
+
+def lock(results: Results, stage: str, key: str) -> None:
+    """Hold the lock of this stage instance for the life of this process and what it execs (torchrun, a Ray launch
+    script): one writer per instance. Another holder (e.g. the job of a killed Snakemake) fails this one, naming it;
+    its death frees the lock. The ranks of a distributed launch run under their launcher's lock."""
+    if os.environ.get(LOCK_ENV) == f"{stage}/{key}" or int(os.environ.get("RANK", "0")) != 0:
+        return
+    path = results.lock_file(stage, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if try_lock(path) is None:
+        raise InputError(f"{stage} {key} is being built by {lock_holder(path)} (lock {path}); let it finish or stop "
+                         "it, then rerun")
+    os.environ[LOCK_ENV] = f"{stage}/{key}"
+
+
 def module(stage: str):
     return importlib.import_module(f"dflash.stages.{stage}")
 
@@ -91,6 +109,7 @@ def run(reg: Registry, stage: str, key: str) -> Path:
     """Run a stage instance. Under a distributed launcher (RANK set), every rank runs the stage; only rank 0
     writes and publishes the output directory."""
     inst = reg.get(stage, key)
+    lock(reg.results, stage, key)
     inputs = verify_inputs(reg.results, inst)
     upstream = {s: reg.results.stage_dir(s, k) for s, k in inst.upstream.items() if isinstance(k, str)}
     work = reg.results.work_dir(stage, key)
