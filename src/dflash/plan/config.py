@@ -15,6 +15,7 @@ import jsonschema
 import yaml
 
 from dflash.data import references
+from dflash.data import root as data_root
 from dflash.data.benchmarks import DATASETS, FAMILIES, SYNTHETIC_PREFIX
 from dflash.errors import ConfigError
 from dflash.plan import pretrained
@@ -276,8 +277,11 @@ def check_run(run: dict, where: str) -> None:
 
 
 def _check_local(path: str, where: str) -> None:
-    """A local file (or folder of files) a phase names must exist and hold data before anything runs."""
-    p = Path(path)
+    """A local file (or folder of files) a phase names must exist and hold data before anything runs; a missing
+    `data:` file makes the phase unavailable here (dflash.plan.availability), not invalid."""
+    p = data_root.resolve(path)
+    if data_root.is_rooted(path) and not p.exists():
+        return
     if p.is_dir():
         if not any(f.is_file() and f.stat().st_size for f in p.iterdir()):
             raise ConfigError(f"{where}: {path} is an empty folder")
