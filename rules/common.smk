@@ -3,13 +3,19 @@
 `--config rehearse=1`: the registry holds every phase's rehearsal (`rehearsal/<phase>`, configs/rehearsal.yaml), and
 the target `<phase>` builds the rehearsal's report."""
 
+import os
 import sys
+from pathlib import Path
 
+from dflash.data import root as data_root
 from dflash.launch.slurm import load_cluster, slurm_resources, stage_resources
+from dflash.plan import availability
 from dflash.plan.keys import REHEARSAL_ENV, canonical_json, load_registry
 from dflash.plan.rehearsal import PREFIX as REHEARSAL
 from dflash.stages import BY_NAME
 
+if data_root.CONFIG in config:  # `--config data_root=DIR`: the data root of this run and its jobs
+    os.environ[data_root.ENV] = str(Path(str(config[data_root.CONFIG])).resolve())
 REHEARSE = str(config.get("rehearse", "0")).lower() not in ("0", "", "false", "no")
 REG = load_registry(tolerant=True, rehearse=REHEARSE)
 if REHEARSE:        # jobs look their stage up among the rehearsals first (dflash.plan.keys.registry_of)
@@ -110,3 +116,17 @@ def report_inputs(wildcards):
 
 def report_key(wildcards):
     return REG.report_key(wildcards.phase)
+
+
+def phase_report(phase):
+    """Input function of the target rule `<phase>`: its report; a phase whose local data is missing says what and
+    how to get it and stops the run (exit 2), before anything runs (evaluated only when the phase is asked for)."""
+
+    def inputs(wildcards):
+        why = availability.message(REG.phases[phase])
+        if why:
+            print(f"dflash: error: {why}", file=sys.stderr)
+            sys.exit(2)
+        return f"results/reports/{phase}/report.md"
+
+    return inputs

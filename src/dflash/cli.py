@@ -26,7 +26,10 @@ def _registry(args, only: list[str] | None = None):
 
 
 def cmd_plan(args) -> int:
+    from dflash.plan import availability
+
     reg = _registry(args, [args.phase])
+    availability.check(reg.phases[args.phase])
     rows = []
     for run, plan in reg.plans[args.phase].items():
         for name, (stage, key) in plan.named().items():

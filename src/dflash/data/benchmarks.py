@@ -455,7 +455,7 @@ def load_prompts(ds: dict) -> tuple[list[BenchPrompt], dict]:
                          "ids": [p.id for p in prompts], "sha256": None}
     path = ds.get("path")
     if data_root.is_rooted(path) and not data_root.resolve(path).exists():
-        raise FileNotFoundError(f"{name}: {data_root.missing(path)}: {data_root.HOW}")
+        raise FileNotFoundError(f"{name}: {data_root.missing(path)}; {data_root.HOW}")
     prompts, meta = load_benchmark(name, n=ds.get("n"), seed=ds.get("seed", 0),
                                    path=None if path is None else data_root.resolve(path))
     if data_root.is_rooted(path):

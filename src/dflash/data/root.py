@@ -21,7 +21,7 @@ CONFIG = "data_root"                  # snakemake --config data_root=DIR
 PREFIX = "data:"
 DEFAULT = Path("data")
 KEY_SPELLING = "../shared/data/"
-HOW = ("copy the files into the data root (README: Data says where each comes from), or point the data root at a "
+HOW = ("copy the files there (README: Data says where each comes from), or point the data root at a "
        f"folder that holds them: {ENV}=DIR, or `snakemake --config {CONFIG}=DIR`")
 
 
@@ -47,14 +47,17 @@ def join(folder: str, rel: str) -> str:
     return folder + rel if folder == PREFIX else f"{folder.rstrip('/')}/{rel}"
 
 
+def describe() -> str:
+    """The data root as messages name it."""
+    where = root()
+    return f"{where}/" + ("" if where.is_dir() else " (it does not exist)")
+
+
 def missing(path: str) -> str | None:
     """Why a `data:` path is not available here (None when its file exists)."""
     if resolve(path).exists():
         return None
-    where = root()
-    if not where.is_dir():
-        return f"{path} (the data root {where}/ does not exist)"
-    return f"{path} (not in the data root {where}/)"
+    return f"{path} is not in the data root {describe()}"
 
 
 def key_form(obj: Any) -> Any:

@@ -15,15 +15,10 @@ class Unavailable(UserError):
 
 
 def missing(phase: Phase) -> list[str]:
-    """Why each `data:` file the phase reads is missing here (each file once, in phase order)."""
+    """The `data:` files the phase reads that are not under the data root (each once, in phase order)."""
     paths = [src["path"] for run in phase.runs.values() for src in run["data"]["sources"] if src["kind"] == "jsonl"]
     paths += [ds["path"] for ds in phase.datasets if "path" in ds]
-    out = []
-    for path in dict.fromkeys(p for p in paths if data_root.is_rooted(p)):
-        why = data_root.missing(path)
-        if why:
-            out.append(why)
-    return out
+    return [p for p in dict.fromkeys(paths) if data_root.is_rooted(p) and data_root.missing(p)]
 
 
 def message(phase: Phase) -> str | None:
@@ -31,9 +26,10 @@ def message(phase: Phase) -> str | None:
     gone = missing(phase)
     if not gone:
         return None
-    shown = "; ".join(gone[:4]) + (f"; and {len(gone) - 4} more" if len(gone) > 4 else "")
-    return (f"{phase.file}: phase {phase.name} is unavailable here, its local data is missing: {shown}. "
-            f"{data_root.HOW[0].upper()}{data_root.HOW[1:]}; or drop a benchmark's `path:` to load it from the hub")
+    shown = ", ".join(gone[:4]) + (f" and {len(gone) - 4} more" if len(gone) > 4 else "")
+    return (f"{phase.file}: phase {phase.name} is unavailable here: {len(gone)} of its local data files are not in "
+            f"the data root {data_root.describe()}: {shown}. {data_root.HOW[0].upper()}{data_root.HOW[1:]}; or "
+            "drop a benchmark's `path:` to load it from the hub")
 
 
 def check(phase: Phase) -> None:

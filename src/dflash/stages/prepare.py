@@ -93,7 +93,7 @@ def _read_source(src: dict) -> tuple[list[dict], dict, int]:
         path = data_root.resolve(src["path"])
         if not path.is_file():
             if data_root.is_rooted(src["path"]):
-                raise FileNotFoundError(f"data.sources: {data_root.missing(src['path'])}: {data_root.HOW}")
+                raise FileNotFoundError(f"data.sources: {data_root.missing(src['path'])}; {data_root.HOW}")
             raise FileNotFoundError(f"data.sources: file {path} not found")
         rows = []
         for where, i, rec in iter_jsonl(path):
