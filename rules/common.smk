@@ -28,14 +28,15 @@ ASKED = [p for p in str(config.get("resources_of", "")).split(",") if p]
 for _p in ASKED:
     if _p not in REG.phases:
         raise ValueError(f"--config resources_of={_p}: no such phase (phases: {', '.join(PHASES)})")
-for (_stage, _key), _inst in REG.instances.items():
-    _asks = {p: r for p, r in _inst.phase_resources.items() if r != _inst.resources}
-    if _asks and not ASKED:
-        print(f"dflash: note: {_stage} {_key} is planned by phases asking different resources "
-              f"({', '.join(sorted({_inst.users[0][0], *_asks}))}); using {_inst.users[0][0]}'s "
-              "(choose with --config resources_of=PHASE)", file=sys.stderr)
-for _problem in REG.broken:
-    print(f"dflash: warning: phase left out of this workflow: {_problem}", file=sys.stderr)
+_differ = [f"{_stage} {_key}: {', '.join(sorted({_inst.users[0][0], *_asks}))} -> {_inst.users[0][0]}"
+           for (_stage, _key), _inst in REG.instances.items()
+           if (_asks := {p: r for p, r in _inst.phase_resources.items() if r != _inst.resources})]
+if workflow.is_main_process:  # once per run (not again in each cluster job, which parses this file too)
+    if _differ and not ASKED:
+        print(f"dflash: note: {len(_differ)} shared stage(s) planned by phases asking different resources run with "
+              f"the first phase's ({'; '.join(_differ)}); choose with --config resources_of=PHASE", file=sys.stderr)
+    for _problem in REG.broken:
+        print(f"dflash: warning: phase left out of this workflow: {_problem}", file=sys.stderr)
 CLUSTER = load_cluster()
 
 
