@@ -72,7 +72,7 @@ class DatasetSpec:
     copies do not always agree); an empty tuple means the 0-based row index is the id. ``fields`` lists every
     column the formatter may read. ``hub_files`` is set for hub repos that are read as raw json files
     (LiveCodeBench) instead of through ``load_dataset(hub_id, hub_config)``. ``local_file`` is the usual
-    path of a local copy, relative to a data folder such as ``shared/data``.
+    path of a local copy inside the data root (``dflash.data.root``).
     """
 
     name: str
