@@ -120,8 +120,8 @@ def report_key(wildcards):
 
 
 def phase_report(phase):
-    """Input function of the target rule `<phase>`: its report; a phase whose local data is missing says what and
-    how to get it and stops the run (exit 2), before anything runs (evaluated only when the phase is asked for)."""
+    """Input function of a phase's target (the report); for a phase whose local data is missing, it says what is
+    missing and how to get it, and stops the run with exit 2 before anything runs (only when the phase is asked for)."""
 
     def inputs(wildcards):
         why = availability.message(REG.phases[phase])
