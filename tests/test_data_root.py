@@ -27,6 +27,10 @@ def test_a_data_path_hashes_as_its_former_spelling():
     assert stage_key("prepare", cfg, {}) == stage_key("prepare", old, {})
     plain = {"data": {"sources": [{"kind": "jsonl", "path": "gsm8k/train.jsonl"}]}}
     assert stage_key("prepare", cfg, {}) != stage_key("prepare", plain, {})
+    prompt = {"tokenize": {"system_prompt": "data:gsm8k/train.jsonl"}}           # only paths are respelled
+    assert data_root.key_form(prompt) == prompt
+    record = {"rehearsal": {"dataset.path": [None, "data:gsm8k/test.jsonl"]}}
+    assert data_root.key_form(record) == {"rehearsal": {"dataset.path": [None, "../shared/data/gsm8k/test.jsonl"]}}
 
 
 def test_the_fixtures_hold_every_data_file_a_phase_or_rehearsal_names():

@@ -60,12 +60,13 @@ def missing(path: str) -> str | None:
     return f"{path} is not in the data root {describe()}"
 
 
-def key_form(obj: Any) -> Any:
-    """`obj` (a stage config) with every `data:` path in the spelling stage keys hash."""
+def key_form(obj: Any, field: str | None = None) -> Any:
+    """`obj` (a stage config) with every `data:` path (the value of a `path` field, or of a rehearsal record's
+    `<...>.path`) in the spelling stage keys hash."""
     if isinstance(obj, dict):
-        return {k: key_form(v) for k, v in obj.items()}
+        return {k: key_form(v, k) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [key_form(v) for v in obj]
-    if is_rooted(obj):
+        return [key_form(v, field) for v in obj]
+    if is_rooted(obj) and field is not None and (field == "path" or field.endswith(".path")):
         return KEY_SPELLING + obj.removeprefix(PREFIX)
     return obj
