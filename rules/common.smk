@@ -3,13 +3,19 @@
 `--config rehearse=1`: the registry holds every phase's rehearsal (`rehearsal/<phase>`, configs/rehearsal.yaml), and
 the target `<phase>` builds the rehearsal's report."""
 
+import os
 import sys
+from pathlib import Path
 
+from dflash.data import root as data_root
 from dflash.launch.slurm import load_cluster, slurm_resources, stage_resources
+from dflash.plan import availability
 from dflash.plan.keys import REHEARSAL_ENV, canonical_json, load_registry
 from dflash.plan.rehearsal import PREFIX as REHEARSAL
 from dflash.stages import BY_NAME
 
+if data_root.CONFIG in config:  # `--config data_root=DIR`: the data root of this run and its jobs
+    os.environ[data_root.ENV] = str(Path(str(config[data_root.CONFIG])).resolve())
 REHEARSE = str(config.get("rehearse", "0")).lower() not in ("0", "", "false", "no")
 REG = load_registry(tolerant=True, rehearse=REHEARSE)
 if REHEARSE:        # jobs look their stage up among the rehearsals first (dflash.plan.keys.registry_of)
@@ -22,14 +28,15 @@ ASKED = [p for p in str(config.get("resources_of", "")).split(",") if p]
 for _p in ASKED:
     if _p not in REG.phases:
         raise ValueError(f"--config resources_of={_p}: no such phase (phases: {', '.join(PHASES)})")
-for (_stage, _key), _inst in REG.instances.items():
-    _asks = {p: r for p, r in _inst.phase_resources.items() if r != _inst.resources}
-    if _asks and not ASKED:
-        print(f"dflash: note: {_stage} {_key} is planned by phases asking different resources "
-              f"({', '.join(sorted({_inst.users[0][0], *_asks}))}); using {_inst.users[0][0]}'s "
-              "(choose with --config resources_of=PHASE)", file=sys.stderr)
-for _problem in REG.broken:
-    print(f"dflash: warning: phase left out of this workflow: {_problem}", file=sys.stderr)
+_differ = [f"{_stage} {_key}: {', '.join(sorted({_inst.users[0][0], *_asks}))} -> {_inst.users[0][0]}"
+           for (_stage, _key), _inst in REG.instances.items()
+           if (_asks := {p: r for p, r in _inst.phase_resources.items() if r != _inst.resources})]
+if workflow.is_main_process:  # once per run (not again in each cluster job, which parses this file too)
+    if _differ and not ASKED:
+        print(f"dflash: note: {len(_differ)} shared stage(s) planned by phases asking different resources run with "
+              f"the first phase's ({'; '.join(_differ)}); choose with --config resources_of=PHASE", file=sys.stderr)
+    for _problem in REG.broken:
+        print(f"dflash: warning: phase left out of this workflow: {_problem}", file=sys.stderr)
 CLUSTER = load_cluster()
 
 
@@ -112,3 +119,17 @@ def report_inputs(wildcards):
 
 def report_key(wildcards):
     return REG.report_key(wildcards.phase)
+
+
+def phase_report(phase):
+    """Input function of a phase's target (the report); for a phase whose local data is missing, it says what is
+    missing and how to get it, and stops the run with exit 2 before anything runs (only when the phase is asked for)."""
+
+    def inputs(wildcards):
+        why = availability.message(REG.phases[phase])
+        if why:
+            print(f"dflash: error: {why}", file=sys.stderr)
+            sys.exit(2)
+        return f"results/reports/{phase}/report.md"
+
+    return inputs

@@ -70,6 +70,6 @@ for _phase in PHASES:
         name:
             _phase.removeprefix(REHEARSAL)
         input:
-            f"results/reports/{_phase}/report.md",
+            phase_report(_phase),
         default_target: _phase.removeprefix(REHEARSAL) == "smoke"
         localrule: True

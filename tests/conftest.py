@@ -11,9 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from dflash.data import root as data_root
+
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+SHARED_DATA = ROOT.parent / "shared" / "data"       # the project's full data folder, where a checkout has it beside
+FIXTURE_DATA = ROOT / "tests" / "fixtures" / "data"  # a few rows of every set, at the same paths
 BIN = Path(sys.executable).parent
+# The tests' data root (every `data:` path of the phases exists there), in this process and the commands it starts;
+# tests that need the full files use SHARED_DATA explicitly and skip without it.
+os.environ[data_root.ENV] = str(FIXTURE_DATA)
 
 
 def source_files() -> list[str]:
@@ -40,23 +46,23 @@ def copy_repo(dest: Path) -> Path:
         if src.is_file():
             (dest / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / f)
-    shared = ROOT.parent / "shared"                 # phases name `../shared/data/...` beside the checkout
-    if shared.is_dir() and not (dest.parent / "shared").exists():
-        (dest.parent / "shared").symlink_to(shared, target_is_directory=True)
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
     for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "copy"]):
         subprocess.run(git + cmd, cwd=dest, check=True, capture_output=True)
     return dest
 
 
-def env() -> dict:
+def env(data: Path | None = None) -> dict:
+    """The environment of commands the tests start (`data`: their data root instead of FIXTURE_DATA)."""
     e = dict(os.environ)
     e["PATH"] = f"{BIN}{os.pathsep}{e['PATH']}"
+    if data is not None:
+        e[data_root.ENV] = str(data)
     return e
 
 
-def snakemake(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(BIN / "snakemake"), *args], cwd=repo, capture_output=True, text=True, env=env())
+def snakemake(repo: Path, *args: str, check: bool = True, data: Path | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(BIN / "snakemake"), *args], cwd=repo, capture_output=True, text=True, env=env(data))
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
@@ -76,8 +82,8 @@ def job_counts(out: str) -> dict[str, int]:
     return jobs
 
 
-def dflash(repo: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "dflash"), *args], cwd=repo, capture_output=True, text=True, env=env())
+def dflash(repo: Path, *args: str, data: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "dflash"), *args], cwd=repo, capture_output=True, text=True, env=env(data))
 
 
 @pytest.fixture(scope="module")

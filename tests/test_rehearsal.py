@@ -78,12 +78,11 @@ def test_qwen3_rehearsal_substitutions(both):
     r00 = reh.rehearsal["runs"]["R00"]
     assert r00["train"]["train.max_steps"] == [1000, OVERLAY["caps"]["train_steps"]]
     assert r00["drafter"] == {"drafter.target_layer_ids": [[1, 9, 17, 25, 33], None]}      # z-lab's rule, 8 layers
-    assert r00["data"]["data.sources.0"][1]["path"] == "../shared/data/alpaca/train.jsonl"
+    assert r00["data"]["data.sources.0"][1]["path"] == "data:alpaca/train.jsonl"
     assert r00["data"]["data.sources.0"][1]["convert_from"] == "alpaca"
     assert reh.runs["R00"]["drafter"]["mask_token_id"] == 151669 and reh.runs["R00"]["target"]["kind"] == \
         "qwen3_offline"
-    assert reh.rehearsal["datasets"]["livecodebench"]["dataset.path"] == [None,
-                                                                          "../shared/data/livecodebench/test.jsonl"]
+    assert reh.rehearsal["datasets"]["livecodebench"]["dataset.path"] == [None, "data:livecodebench/test.jsonl"]
     assert {d["n"] for d in reh.datasets} == {OVERLAY["caps"]["prompts"]}
     plan = both.plans["rehearsal/phase_k"]["R00"]
     train = both.get("train", plan.keys["train"])
@@ -151,13 +150,13 @@ def rehearsed(tmp_path_factory):
     if not SHARED_DATA.is_dir():
         pytest.skip(f"no shared data folder at {SHARED_DATA}")
     base = tmp_path_factory.mktemp("rehearsal")
-    repo = copy_repo(base / "repo")                                # with ../shared beside it, as the checkout
+    repo = copy_repo(base / "repo")
     overlay = repo / "configs" / "rehearsal.yaml"
     doc = yaml.safe_load(overlay.read_text())
     doc["datasets"], doc["caps"]["train_steps"] = CI_DATASETS, CI_TRAIN_STEPS
     overlay.write_text(yaml.safe_dump(doc, sort_keys=False))
     t0 = time.time()
-    proc = snakemake(repo, "--cores", "2", "paper", "phase_e", "--config", "rehearse=1")
+    proc = snakemake(repo, "--cores", "2", "paper", "phase_e", "--config", "rehearse=1", f"data_root={SHARED_DATA}")
     return repo, time.time() - t0, job_counts(proc.stdout + proc.stderr)
 
 
@@ -168,7 +167,7 @@ def test_rehearsals_run_end_to_end_and_audit_clean(rehearsed):
     assert jobs == {"target": 1, "prepare": 2, "regenerate": 1, "tokenize": 2, "train": 3, "convert": 3, "bench": 9,
                     "report": 2, "paper": 1, "phase_e": 1}
     for phase in ("paper", "phase_e"):
-        proc = dflash(repo, "audit", f"rehearsal/{phase}")
+        proc = dflash(repo, "audit", f"rehearsal/{phase}", data=SHARED_DATA)
         assert proc.returncode == 0 and proc.stdout.splitlines()[0].endswith(": OK"), proc.stdout + proc.stderr
         rep = repo / "results" / "reports" / "rehearsal" / phase
         text = (rep / "report.md").read_text()

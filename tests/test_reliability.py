@@ -154,12 +154,14 @@ def test_a_stage_records_the_checksums_of_the_files_it_read(smoke_repo):
 
 # ---- 6. a stage job survives a broken phase file elsewhere -------------------------------------------------------
 
-def test_a_broken_unrelated_phase_is_a_warning_for_stage_jobs(repo):
+def test_a_broken_unrelated_phase_is_a_warning_once_not_a_stage_failure(repo):
+    """Snakemake warns once per run; the stage job neither fails nor repeats the warning in its log."""
     _phase(repo, "other", "defaults: {train: {lr: fast}}\n")
     proc = dflash(repo, "stage", "prepare", _keys(repo)["prepare"])
     assert proc.returncode == 0, proc.stderr
-    assert "warning: phase left out: configs/phases/other.yaml" in proc.stderr
-    assert "configs/phases/other.yaml" in snakemake(repo, "-n", "smoke").stderr
+    assert "other.yaml" not in proc.stderr
+    warned = snakemake(repo, "-n", "smoke").stderr
+    assert warned.count("phase left out of this workflow: configs/phases/other.yaml") == 1
 
 
 # ---- 8. data errors name file and line; user errors are one line -------------------------------------------------

@@ -15,6 +15,7 @@ import torch
 
 from conftest import ROOT, SHARED_DATA
 from dflash import cli
+from dflash.data import root as data_root
 from dflash.data.benchmarks import MATH_SUFFIX, load_benchmark
 from dflash.data.tokens import load_tokens
 from dflash.modeling.drafter import DrafterConfig, build_target_layer_ids
@@ -148,12 +149,12 @@ def test_smollm2_mask_token_occurs_in_no_data_file():
 
 @needs_data
 def test_prepare_reads_the_local_formats_and_excludes_mbpp_test_ids(tmp_path, monkeypatch):
-    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv(data_root.ENV, str(SHARED_DATA))
     data = {"sources": [
-        {"kind": "jsonl", "path": "../shared/data/gsm8k/train.jsonl", "format": "gsm8k", "n": 5},
-        {"kind": "jsonl", "path": "../shared/data/alpaca/train.jsonl", "format": "alpaca", "n": 5},
-        {"kind": "jsonl", "path": "../shared/data/sharegpt/train.jsonl", "format": "sharegpt", "n": 5},
-        {"kind": "jsonl", "path": "../shared/data/mbpp/full.jsonl", "format": "mbpp", "id_field": "task_id",
+        {"kind": "jsonl", "path": "data:gsm8k/train.jsonl", "format": "gsm8k", "n": 5},
+        {"kind": "jsonl", "path": "data:alpaca/train.jsonl", "format": "alpaca", "n": 5},
+        {"kind": "jsonl", "path": "data:sharegpt/train.jsonl", "format": "sharegpt", "n": 5},
+        {"kind": "jsonl", "path": "data:mbpp/full.jsonl", "format": "mbpp", "id_field": "task_id",
          "exclude_id_ranges": [[11, 510]]}], "exclude_benchmarks": False, "dedup": True}
     res = prepare.run(Context({"data": data}, tmp_path, {}, tmp_path, log=lambda m: None))["summary"]
     rows = prepare.read(tmp_path)
@@ -174,12 +175,12 @@ def test_prepare_reads_the_local_formats_and_excludes_mbpp_test_ids(tmp_path, mo
 
 @needs_data
 def test_prepare_drops_benchmark_prompts_and_duplicates(tmp_path, monkeypatch):
-    monkeypatch.chdir(ROOT)
-    bench = [{"name": "gsm8k", "n": 4, "seed": 0, "path": "../shared/data/gsm8k/test.jsonl"},
-             {"name": "math500", "n": 3, "seed": 0, "path": "../shared/data/math500/test.jsonl"},
-             {"name": "alpaca", "n": 16, "seed": 0, "path": "../shared/data/alpaca/train.jsonl"}]
-    gsm, _ = load_benchmark("gsm8k", 4, 0, "../shared/data/gsm8k/test.jsonl")
-    math, _ = load_benchmark("math500", 3, 0, "../shared/data/math500/test.jsonl")
+    monkeypatch.setenv(data_root.ENV, str(SHARED_DATA))
+    bench = [{"name": "gsm8k", "n": 4, "seed": 0, "path": "data:gsm8k/test.jsonl"},
+             {"name": "math500", "n": 3, "seed": 0, "path": "data:math500/test.jsonl"},
+             {"name": "alpaca", "n": 16, "seed": 0, "path": "data:alpaca/train.jsonl"}]
+    gsm, _ = load_benchmark("gsm8k", 4, 0, SHARED_DATA / "gsm8k/test.jsonl")
+    math, _ = load_benchmark("math500", 3, 0, SHARED_DATA / "math500/test.jsonl")
     q = [p.turns[0].removesuffix(MATH_SUFFIX) for p in gsm]
     m = [p.turns[0].removesuffix(MATH_SUFFIX) for p in math]
     train = [{"question": q[0], "answer": "a"},                                   # a benchmark prompt as it is
@@ -193,14 +194,14 @@ def test_prepare_drops_benchmark_prompts_and_duplicates(tmp_path, monkeypatch):
             {"id": "c2", "conversations": [{"from": "human", "value": "Tell me a joke."}]}]
     src = [{"kind": "jsonl", "path": str(jsonl(tmp_path / "mine" / "train.jsonl", train)), "format": "gsm8k"},
            {"kind": "jsonl", "path": str(jsonl(tmp_path / "chat" / "train.jsonl", chat)), "format": "sharegpt"},
-           {"kind": "jsonl", "path": "../shared/data/alpaca/train.jsonl", "format": "alpaca"}]
+           {"kind": "jsonl", "path": "data:alpaca/train.jsonl", "format": "alpaca"}]
     out = tmp_path / "out"
     out.mkdir()
     res = prepare.run(Context({"data": {"sources": src, "exclude_benchmarks": True, "dedup": True,
                                         "benchmarks": bench}}, out, {}, out, log=lambda m: None))["summary"]
     # the whole Alpaca sample is read, and it is also the alpaca benchmark file: its 16 benchmark prompts go
     bench_alpaca = {norm(p.turns[0])
-                    for p in load_benchmark("alpaca", 16, 0, "../shared/data/alpaca/train.jsonl")[0]}
+                    for p in load_benchmark("alpaca", 16, 0, SHARED_DATA / "alpaca/train.jsonl")[0]}
     alpaca_rows = [norm(first_user(r)) for r in prepare._read_source(src[2])[0]]
     in_bench = sum(1 for a in alpaca_rows if a in bench_alpaca)
     assert in_bench >= 16 and res["excluded_benchmark"] == 4 + in_bench
@@ -285,8 +286,8 @@ def test_runs_share_what_they_should(plans, name):
     assert ra["target"] == {**ra["target"], **GGUF_CFG}
     assert [ds["name"] for ds in phases[name].datasets] == ["gsm8k", "math500", "aime24", "aime25", "humaneval", "mbpp",
                                                             "swe_bench", "mt_bench", "alpaca"]
-    assert all(ds["path"].startswith("../shared/data/") for ds in phases[name].datasets)
-    assert all(s["path"].startswith("../shared/data/") for s in ra["data"]["sources"])
+    assert all(ds["path"].startswith("data:") for ds in phases[name].datasets)          # under the data root
+    assert all(s["path"].startswith("data:") for s in ra["data"]["sources"])
 
 
 def test_cpu_phase_is_smaller_and_shares_the_target(plans):
@@ -309,7 +310,7 @@ def test_phase_data_files_exist():
         ph = load_phase(name, ROOT / "configs" / "phases")
         paths = [ds["path"] for ds in ph.datasets] + [s["path"] for s in ph.runs["regenerated"]["data"]["sources"]]
         for p in paths:
-            assert (ROOT / p).is_file(), p
+            assert (SHARED_DATA / p.removeprefix(data_root.PREFIX)).is_file(), p
 
 
 def test_published_results_audit_clean_and_show_the_recipe_gap():

@@ -30,7 +30,10 @@ def _registry(args, only: list[str] | None = None):
 
 
 def cmd_plan(args) -> int:
+    from dflash.plan import availability
+
     reg = _registry(args, [args.phase])
+    availability.check(reg.phases[args.phase])
     rows = []
     for run, plan in reg.plans[args.phase].items():
         for name, (stage, key) in plan.named().items():
@@ -54,12 +57,9 @@ def cmd_plan(args) -> int:
 
 
 def _job_registry(stage: str, key: str):
-    """The registry that plans this stage instance (phases or rehearsals); a broken phase file elsewhere is a
-    warning, not the job's failure."""
-    reg = registry_of(stage, key)
-    for problem in reg.broken:
-        print(f"dflash: warning: phase left out: {problem}", file=sys.stderr)
-    return reg
+    """The registry that plans this stage instance (phases or rehearsals). A broken phase file elsewhere is not
+    the job's failure, nor its log's business (Snakemake warned once); it is named only where the lookup fails."""
+    return registry_of(stage, key)
 
 
 def _claim_gpus(reg, stage: str, key: str, phase: str | None = None) -> None:

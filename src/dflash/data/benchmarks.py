@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from dflash.checksums import sha256_files
+from dflash.data import root as data_root
 from dflash.data import synthetic
 from dflash.data.jsonl import iter_jsonl
 from dflash.errors import DataError
@@ -71,7 +72,7 @@ class DatasetSpec:
     copies do not always agree); an empty tuple means the 0-based row index is the id. ``fields`` lists every
     column the formatter may read. ``hub_files`` is set for hub repos that are read as raw json files
     (LiveCodeBench) instead of through ``load_dataset(hub_id, hub_config)``. ``local_file`` is the usual
-    path of a local copy, relative to a data folder such as ``shared/data``.
+    path of a local copy inside the data root (``dflash.data.root``).
     """
 
     name: str
@@ -458,7 +459,14 @@ def load_prompts(ds: dict) -> tuple[list[BenchPrompt], dict]:
         prompts = [BenchPrompt(id=f"{fam}/{i}", turns=(q,)) for i, (q, _) in enumerate(pairs)]
         return prompts, {"dataset": name, "source": f"synthetic:{fam}", "n": n, "seed": ds.get("seed", 0),
                          "ids": [p.id for p in prompts], "sha256": None}
-    return load_benchmark(name, n=ds.get("n"), seed=ds.get("seed", 0), path=ds.get("path"))
+    path = ds.get("path")
+    if data_root.is_rooted(path) and not data_root.resolve(path).exists():
+        raise FileNotFoundError(f"{name}: {data_root.missing(path)}; {data_root.HOW}")
+    prompts, meta = load_benchmark(name, n=ds.get("n"), seed=ds.get("seed", 0),
+                                   path=None if path is None else data_root.resolve(path))
+    if data_root.is_rooted(path):
+        meta["source"] = f"file:{path}"          # the file as the phase names it, wherever the data root is
+    return prompts, meta
 
 
 def family(dataset: str) -> str:

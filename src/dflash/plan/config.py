@@ -16,6 +16,7 @@ import jsonschema
 import yaml
 
 from dflash.data import references
+from dflash.data import root as data_root
 from dflash.data.benchmarks import DATASETS, FAMILIES, SYNTHETIC_PREFIX
 from dflash.errors import ConfigError
 from dflash.plan import pretrained
@@ -319,10 +320,13 @@ def check_run(run: dict, where: str) -> None:
 
 
 def _check_local(path: str, where: str, reads: tuple[str, ...] | None = None) -> None:
-    """A local file (or folder of files) a phase names must exist and hold data before anything runs. `reads`: the
-    file names a reader takes from a folder (a benchmark set shipped as several files; () where it takes no folder);
-    None: any file of a folder (a model directory)."""
-    p = Path(path)
+    """A local file (or folder of files) a phase names must exist and hold data before anything runs; a missing
+    `data:` file makes the phase unavailable here (dflash.plan.availability), not invalid. `reads`: the file names a
+    reader takes from a folder (a benchmark set shipped as several files; () where it takes no folder); None: any
+    file of a folder (a model directory)."""
+    p = data_root.resolve(path)
+    if data_root.is_rooted(path) and not p.exists():
+        return
     if p.is_dir():
         if reads is not None:
             if not reads:

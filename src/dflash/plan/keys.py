@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dflash.data import root as data_root
 from dflash.errors import ConfigError, InputError
 from dflash.plan import rehearsal
 from dflash.plan.config import Phase, load_phase, phase_names
@@ -26,8 +27,10 @@ def canonical_json(obj) -> str:
 
 
 def stage_key(stage: str, config: dict, upstream: dict, version: int | None = None) -> str:
-    """`version`: the stage's format version (default: the current one; the audit passes the recorded one)."""
-    payload = {"stage": stage, "version": version or BY_NAME[stage].version, "config": config, "upstream": upstream}
+    """`version`: the stage's format version (default: the current one; the audit passes the recorded one). `data:`
+    paths are hashed in their key spelling (dflash.data.root.key_form)."""
+    payload = {"stage": stage, "version": version or BY_NAME[stage].version, "config": data_root.key_form(config),
+               "upstream": upstream}
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:12]
 
 

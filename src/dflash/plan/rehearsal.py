@@ -13,6 +13,7 @@ import functools
 from dataclasses import replace
 from pathlib import Path
 
+from dflash.data import root as data_root
 from dflash.data.benchmarks import DATASETS
 from dflash.errors import ConfigError
 from dflash.plan import pretrained
@@ -116,7 +117,7 @@ def _dataset(ds: dict, overlay: dict) -> tuple[dict, dict]:
     ds, rec = copy.deepcopy(ds), _Record()
     local = DATASETS[ds["name"]].local_file if ds["name"] in DATASETS else None
     if "path" not in ds and local:
-        rec.set(ds, "path", f"{overlay['benchmark_data']}/{local}", "dataset.path")
+        rec.set(ds, "path", data_root.join(overlay["benchmark_data"], local), "dataset.path")
     rec.cap(ds, "n", overlay["caps"]["prompts"], "dataset.n")
     return ds, rec.by_section.get("dataset", {})
 

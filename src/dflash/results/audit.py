@@ -28,6 +28,7 @@ from pathlib import Path
 
 from dflash.checksums import sha256_file
 from dflash.data import references as refs
+from dflash.data import root as data_root
 from dflash.data.benchmarks import FAMILIES, family
 from dflash.plan.keys import Registry, RunPlan, build, stage_key, upstream_pairs
 from dflash.results import provenance, publish
@@ -139,8 +140,8 @@ class Auditor:
                     continue        # a weights file a published tree left out
             elif name == f"references/{refs.TABLE.name}":
                 p = refs.TABLE
-            elif Path(name).is_file():
-                p = Path(name)
+            elif data_root.resolve(name).is_file():
+                p = data_root.resolve(name)              # a local data file (`data:`: under this data root)
             else:
                 continue            # a hub dataset or a file not on this machine: recorded, not checkable here
             self.result.files += 1

@@ -19,6 +19,7 @@ import random
 from pathlib import Path
 
 from dflash.checksums import sha256_file
+from dflash.data import root as data_root
 from dflash.data import synthetic
 from dflash.data.benchmarks import MATH_SUFFIX, load_prompts
 from dflash.data.jsonl import iter_jsonl
@@ -98,8 +99,10 @@ def _read_source(src: dict) -> tuple[list[dict], dict, int]:
     fmt, id_field = src.get("format", "messages"), src.get("id_field")
     skipped = 0
     if kind == "jsonl":
-        path = Path(src["path"])
+        path = data_root.resolve(src["path"])
         if not path.is_file():
+            if data_root.is_rooted(src["path"]):
+                raise FileNotFoundError(f"data.sources: {data_root.missing(src['path'])}; {data_root.HOW}")
             raise FileNotFoundError(f"data.sources: file {path} not found")
         rows = []
         for where, i, rec in iter_jsonl(path):
@@ -112,7 +115,7 @@ def _read_source(src: dict) -> tuple[list[dict], dict, int]:
             if src.get("convert_from"):
                 rec = _to_record(fmt, _from_record(src["convert_from"], rec, where), where)
             rows.append({"id": f"{path.parent.name}/{path.stem}/{rid}", "messages": _from_record(fmt, rec, where)})
-        inputs = {str(path): sha256_file(path)}
+        inputs = {src["path"] if data_root.is_rooted(src["path"]) else str(path): sha256_file(path)}
     else:
         from datasets import load_dataset
 
