@@ -19,7 +19,7 @@ from dflash.data.benchmarks import DATASETS, FAMILIES, SYNTHETIC_PREFIX
 from dflash.errors import ConfigError
 from dflash.plan import pretrained
 from dflash.plan.paths import PHASES_DIR, SCHEMA_DIR
-from dflash.stages import BY_NAME
+from dflash.stages import BY_NAME, trained
 
 # A phase name is a Snakemake rule name and reaches shell commands: a plain identifier, not a rule of the workflow.
 PHASE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
@@ -235,13 +235,23 @@ def load_phase(name: str, phases_dir: Path = PHASES_DIR) -> Phase:
                  references=list(doc.get("references", [])), external=dict(doc.get("external", {})), chain=chain)
 
 
+# The loss decay's gamma per block size, from the DFlash paper's training recipe (arXiv 2602.06036: "gamma = 7 for
+# block size 16, 5 for 10, 4 for 8"); `train.gamma: null` takes the value of the drafter's block size.
+PAPER_GAMMA = {16: 7.0, 10: 5.0, 8: 4.0}
+
+
 def fill_run(run: dict) -> dict:
     """A run config with the schema's defaults filled; a target kind's own section (`target.qwen3_offline`) only
-    when that kind is chosen (only `synthetic`'s is filled always: older phases' keys hash it)."""
+    when that kind is chosen (only `synthetic`'s is filled always: older phases' keys hash it); `train.gamma` null
+    becomes the paper's value for the block size (left null for other block sizes: `check_run` names the field)."""
     schema = _schema(SCHEMA_DIR / "phase.schema.yaml")
     if (run.get("target") or {}).get("kind") == "qwen3_offline":
         run = {**run, "target": {"qwen3_offline": {}, **run["target"]}}
-    return fill_defaults(run, {**schema["$defs"]["run"], "$defs": schema["$defs"]}, schema)
+    full = fill_defaults(run, {**schema["$defs"]["run"], "$defs": schema["$defs"]}, schema)
+    train, block = full.get("train"), (full.get("drafter") or {}).get("block_size")
+    if isinstance(train, dict) and train.get("gamma") is None and block in PAPER_GAMMA:
+        train["gamma"] = PAPER_GAMMA[block]
+    return full
 
 
 def check_run(run: dict, where: str) -> None:
@@ -262,6 +272,9 @@ def check_run(run: dict, where: str) -> None:
     if "mask_token_id" in dr:
         check_mask_id(dr["mask_token_id"], known_embedding_rows(t), f"{where}.drafter")
     tr = run["train"]
+    if tr["gamma"] is None and trained(run):
+        raise ConfigError(f"{where}.train.gamma: required for drafter.block_size {dr['block_size']} (the DFlash paper "
+                          f"gives gamma for block sizes {', '.join(map(str, sorted(PAPER_GAMMA)))} only)")
     if tr["min_lr"] > tr["lr"]:
         raise ConfigError(f"{where}.train.min_lr: must be <= train.lr ({tr['lr']})")
     for i, src in enumerate(run["data"]["sources"]):
