@@ -271,6 +271,10 @@ def check_run(run: dict, where: str) -> None:
         raise ConfigError(f"{where}.drafter.mask_token_id: give drafter.mask_token or drafter.mask_token_id, not both")
     if "mask_token_id" in dr:
         check_mask_id(dr["mask_token_id"], known_embedding_rows(t), f"{where}.drafter")
+    if dr.get("target_layer_ids") and trained(run):
+        problem = layer_ids_problem(dr["target_layer_ids"], known_target_layers(t))
+        if problem:
+            raise ConfigError(f"{where}.drafter.target_layer_ids: {problem}")
     tr = run["train"]
     if tr["gamma"] is None and trained(run):
         raise ConfigError(f"{where}.train.gamma: required for drafter.block_size {dr['block_size']} (the DFlash paper "
@@ -327,6 +331,34 @@ def known_embedding_rows(target: dict) -> int | None:
     if target["kind"] == "path" and config.is_file():
         cfg = json.loads(config.read_text())
         return cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size")
+    return None
+
+
+def known_target_layers(target: dict) -> int | None:
+    """The target's decoder layers where they are known without running anything (synthetic, qwen3_offline: their
+    `num_layers`; a local `path` target's config.json); None for the others (hub, gguf), checked at training."""
+    if target["kind"] in ("synthetic", "qwen3_offline"):
+        return target[target["kind"]]["num_layers"]
+    config = Path(target.get("path", "")) / "config.json"
+    if target["kind"] == "path" and config.is_file():
+        cfg = json.loads(config.read_text())
+        return cfg.get("num_hidden_layers") or (cfg.get("text_config") or {}).get("num_hidden_layers")
+    return None
+
+
+def layer_ids_problem(ids: list[int], layers: int | None) -> str | None:
+    """Why feature layers `ids` do not fit an `layers`-layer target, or None. The last layer (layers - 1) is refused:
+    training reads each feature layer's decoder output (a forward hook, before the final norm), while for the last
+    layer HF's `output_hidden_states` (the bench engines, z-lab's loop) and SGLang give the state after the final
+    norm, so a drafter trained on it would be served a different tensor; z-lab's layer rule never picks it."""
+    if layers is None:
+        return None
+    if len(set(ids)) != len(ids) or max(ids) >= layers:
+        return f"{ids} must be distinct layers of the {layers}-layer target"
+    if max(ids) == layers - 1:
+        return (f"{ids} include layer {layers - 1}, the target's last: training reads it before the final norm, HF's "
+                f"output_hidden_states and SGLang after it (z-lab's layer rule never picks it); use layers below "
+                f"{layers - 1}")
     return None
 
 
