@@ -140,8 +140,9 @@ def pattern_force(truth: list[int], pattern: list[int], vocab: int, dev):
 
 
 def expected_accepts(pattern: list[int], n_new: int) -> list[int]:
+    """z-lab's loop (dflash.decoding.hf.more_steps): a step runs while at most n_new tokens are committed."""
     acc, n, i = [], 1, 0
-    while n < n_new:
+    while n <= n_new:
         acc.append(pattern[i % len(pattern)] + 1)
         n += acc[-1]
         i += 1

@@ -30,6 +30,15 @@ def test_defaults_filled_and_runs_override(tmp_path):
     assert ph.runs["b"]["train"]["lr"] == 1e-3 and ph.runs["a"]["drafter"]["block_size"] == 16
 
 
+def test_gamma_defaults_to_the_papers_value_for_the_block_size(tmp_path):
+    write(tmp_path, "g", {"runs": {"b16": {}, "b10": {"drafter": {"block_size": 10}},
+                                   "b8": {"drafter": {"block_size": 8}},
+                                   "b12": {"drafter": {"block_size": 12}, "train": {"gamma": 6.0}}},
+                          "datasets": DATASETS})
+    runs = load_phase("g", tmp_path).runs
+    assert [runs[r]["train"]["gamma"] for r in ("b16", "b10", "b8", "b12")] == [7.0, 5.0, 4.0, 6.0]
+
+
 def test_extends_merges_defaults_and_inherits(tmp_path):
     write(tmp_path, "base", {"defaults": {"train": {"lr": 1e-3, "gamma": 5.0}}, "datasets": DATASETS,
                              "references": ["zlab_readme"]})
@@ -49,6 +58,14 @@ def test_extends_merges_defaults_and_inherits(tmp_path):
     ({"colour": 1}, "p.yaml: (top level): unknown key 'colour'"),
     ({"defaults": {"train": {"lr": 1.0e-4, "min_lr": 1.0e-3}}}, "runs.main.train.min_lr: must be <="),
     ({"extends": "nope"}, "p.yaml: extends: phase file"),
+    ({"defaults": {"target": {"synthetic": {"num_layers": 6}}, "drafter": {"target_layer_ids": [1, 5]}}},
+     "p.yaml: runs.main.drafter.target_layer_ids: [1, 5] include layer 5, the target's last: training reads it "
+     "before the final norm"),
+    ({"defaults": {"target": {"synthetic": {"num_layers": 6}}, "drafter": {"target_layer_ids": [1, 6]}}},
+     "p.yaml: runs.main.drafter.target_layer_ids: [1, 6] must be distinct layers of the 6-layer target"),
+    ({"defaults": {"drafter": {"block_size": 12}}},
+     "p.yaml: runs.main.train.gamma: required for drafter.block_size 12 (the DFlash paper gives gamma for block "
+     "sizes 8, 10, 16 only)"),
 ])
 def test_bad_config_names_file_and_field(tmp_path, doc, message):
     write(tmp_path, "p", {"datasets": DATASETS, **doc})

@@ -44,8 +44,9 @@ def _pattern_proposer(truth, pattern, vocab):
 
 
 def _expected_accepts(pattern, n_new):
+    """z-lab's loop: a step runs while at most n_new tokens are committed."""
     acc, n, i = [], 1, 0
-    while n < n_new:
+    while n <= n_new:
         acc.append(pattern[i % len(pattern)] + 1)
         n += acc[-1]
         i += 1
@@ -83,7 +84,7 @@ def test_oracle_gives_block_size_and_wrong_gives_one():
         return torch.tensor([(t + 1) % 64 for t in (truth + [0] * bs)[len(tokens):len(tokens) + bs - 1]])
 
     spec = fast_dflash_generate(target, drafter, PROMPT, 49, eos=set(), block_size=4, propose=oracle)
-    assert spec.tokens == truth[:49] and spec.accept_lengths == [4] * 12
+    assert spec.tokens == truth[:49] and spec.accept_lengths == [4] * 13      # 1 + 12 x 4 = 49: one more step
     spec = fast_dflash_generate(target, drafter, PROMPT, 30, eos=set(), block_size=4, propose=wrong)
     assert spec.tokens == truth[:30] and set(spec.accept_lengths) == {1}
 
@@ -178,10 +179,11 @@ def test_eos_inside_block_stops():
     eager = dflash_generate(target, drafter, PROMPT, 40, eos=eos, block_size=16, propose=oracle)
     base = fast_target_generate(target, PROMPT, 40, eos=eos)
     assert spec.tokens == eager.tokens == base.tokens == truth[:first + 1] and len(spec.accept_lengths) == 1
-    # EOS as the very first token
+    # EOS as the very first token: the output is that token; z-lab's loop still runs one step
     eos0 = {truth[0]}
     assert fast_target_generate(target, PROMPT, 40, eos=eos0).tokens == [truth[0]]
-    assert fast_dflash_generate(target, drafter, PROMPT, 40, eos=eos0, block_size=4).tokens == [truth[0]]
+    first_eos = fast_dflash_generate(target, drafter, PROMPT, 40, eos=eos0, block_size=4)
+    assert first_eos.tokens == [truth[0]] and len(first_eos.accept_lengths) == 1
 
 
 def test_sampling_matches_eager_seeded():

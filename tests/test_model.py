@@ -100,3 +100,24 @@ def test_block_mask_path_equals_dense_mask_path():
     with torch.no_grad():
         flex = d(block, feats, pos, mask=bm)
     assert torch.allclose(dense, flex, atol=1e-5)
+
+
+def test_last_target_layer_is_refused_with_the_reason():
+    """Layer L-1: the training hook gives the decoder output before the final norm, HF's output_hidden_states (the
+    bench engines, z-lab's loop) the state after it: not the same tensor, so the layer is refused everywhere."""
+    from dflash.errors import ConfigError, DataError
+
+    target = tiny_target(layers=6)
+    ids = torch.randint(0, 64, (1, 9))
+    hook = target_features(target, ids, [5])
+    out = target(input_ids=ids, output_hidden_states=True)
+    assert torch.allclose(target_features(target, ids, [4]), out.hidden_states[5])
+    assert not torch.allclose(hook, out.hidden_states[6])                  # the normed state
+    with pytest.raises(ConfigError, match=r"drafter.target_layer_ids: \[1, 5\] include layer 5, the target's last"):
+        DrafterConfig.for_target(target.config, {"num_layers": 2, "num_target_layers": None,
+                                                 "target_layer_ids": [1, 5], "block_size": 4,
+                                                 "intermediate_size": None}, mask_token_id=63)
+    d = _drafter(target)
+    d.config.target_layer_ids = [1, 5]
+    with pytest.raises(DataError, match=r"d/config.json: dflash_config.target_layer_ids: \[1, 5\] include layer 5"):
+        d.config.check_target(target.config, "d/config.json")

@@ -189,6 +189,8 @@ def test_rehearsed_drafter_has_the_qwen3_mask_id_and_the_layer_ids_of_its_target
     train = json.loads((links / "train" / "provenance.json").read_text())
     assert train["config"]["rehearsal"]["drafter.target_layer_ids"] == [[1, 9, 17, 25, 33], None]
     assert train["summary"]["optimizer"]["betas"] == [0.9, 0.999]
+    assert train["summary"]["loss_normalisation"]["mode"] == "global_weight_sum"
+    assert train["summary"]["empty_micro_batches"] == 0 and train["version"] == 3
     regen = json.loads((links / "regenerate" / "provenance.json").read_text())
     assert regen["config"]["regenerate"]["engine"] == "sglang" == regen["summary"]["engine_requested"]
     assert regen["summary"]["engine"] == "hf" and "sglang" in regen["summary"]["fallback"]      # recorded, on CPU

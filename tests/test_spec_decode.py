@@ -29,7 +29,7 @@ def test_oracle_drafter_gives_block_size():
 
     spec = dflash_generate(target, drafter, PROMPT, 49, eos=set(), block_size=4, propose=oracle)
     assert spec.tokens == truth[:49]
-    assert spec.accept_lengths == [4] * 12                      # 1 + 12 * 4 = 49 tokens
+    assert spec.accept_lengths == [4] * 13      # 1 + 12 * 4 = 49 tokens, then z-lab's loop runs one more step
     assert summarize([{"accept_lengths": spec.accept_lengths, "n_tokens": 49}], 4)["tau_macro"] == 4.0
 
 

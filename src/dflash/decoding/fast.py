@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dflash.decoding.hf import Generation, pick, sync, truncate
+from dflash.decoding.hf import Generation, more_steps, pick, sync, truncate
 from dflash.modeling.drafter import rope_cos_sin
 
 SUPPORTED_TARGETS = ("qwen3", "qwen2", "llama")
@@ -434,15 +434,17 @@ class FastDecoder:
         t1 = time.perf_counter()
         self.start_t.fill_(len(prompt_ids))
         self.tok_t.copy_(tok.view(1))
+        steps, eos_seen = 0, tokens[0] in eos
         with self.sdpa_context():
-            while len(tokens) < max_new_tokens and tokens[-1] not in eos:
+            while more_steps(len(tokens), max_new_tokens, steps, eos_seen):
                 self.target_step()
                 tok = pick(self.logits_1[0], temperature, generator)
                 self.tok_t.copy_(tok.view(1))
                 self.start_t.add_(1)
                 tokens.append(int(tok))
+                steps, eos_seen = steps + 1, eos_seen or tokens[-1] in eos
         sync(self.dev)
-        return Generation(tokens, t1 - t0, time.perf_counter() - t1)
+        return Generation(truncate(tokens, max_new_tokens, eos), t1 - t0, time.perf_counter() - t1)
 
     @torch.no_grad()
     def dflash_generate(self, prompt_ids: list[int], max_new_tokens: int, eos: set[int], temperature: float = 0.0,
@@ -474,7 +476,8 @@ class FastDecoder:
         if self.has_drafter:
             self.nctx_t.fill_(0)                              # the prompt context goes in by _ingest
         with self.sdpa_context():
-            while len(tokens) < max_new_tokens and not eos.intersection(tokens[-bs:]):
+            eos_seen = tokens[0] in eos
+            while more_steps(len(tokens), max_new_tokens, len(accept), eos_seen):
                 if propose is None:
                     if not accept:
                         self._ingest(feats)
@@ -493,7 +496,9 @@ class FastDecoder:
                 a = 0
                 while a < bs - 1 and draft[a] == post_l[a]:
                     a += 1
-                tokens += draft[:a] + [post_l[a]]
+                new = draft[:a] + [post_l[a]]
+                tokens += new
+                eos_seen = eos_seen or bool(eos.intersection(new))
                 accept.append(a + 1)
                 start += a + 1
                 self.start_t.fill_(start)

@@ -4,6 +4,7 @@ Per step: block = [last committed token, mask x (B-1)]; the drafter fills the ma
 target context not yet in its cache; the target verifies the block in one forward; the longest prefix where the
 draft equals the target's own choice is accepted, plus the target's next token (the bonus): tau per step = a + 1.
 Verification samples from the target, so every emitted token is the target's (lossless at any temperature).
+Steps stop as z-lab's `dflash_generate` stops them (`more_steps`), so the per-step accept lengths are z-lab's.
 
 Timing (CUDA-synchronised): `prefill_s` is the target's prefill and first token; `decode_s` runs from there to the
 end (the project's definition); `draft_prefill_s` is the part of it spent in the drafter's first pass (its first
@@ -52,6 +53,16 @@ class Generation:
         return self.decode_s - self.draft_prefill_s
 
 
+def more_steps(committed: int, max_new_tokens: int, steps: int, eos_seen: bool) -> bool:
+    """z-lab's stopping rule (dflash/model.py, `dflash_generate`), for DFlash and the target-only baseline (z-lab's
+    baseline is the same loop at block size 1): a step runs `while start < max_length`, i.e. while at most
+    `max_new_tokens` tokens are committed (so one more step runs when exactly `max_new_tokens` are), and the stop
+    tokens are checked after each step, so a first generated token (from prefill) that is EOS still gets one step.
+    `committed`: tokens generated so far, the prefill's included; `eos_seen`: whether any of them is a stop token.
+    The output is cut to `max_new_tokens` and at the first stop token either way (`truncate`)."""
+    return committed <= max_new_tokens and not (steps and eos_seen)
+
+
 def truncate(tokens: list[int], max_new: int, eos: set[int]) -> list[int]:
     tokens = tokens[:max_new]
     for i, t in enumerate(tokens):
@@ -76,12 +87,14 @@ def target_generate(target, prompt_ids: list[int], max_new_tokens: int, eos: set
     tokens = [int(tok)]
     sync(dev)
     t1 = time.perf_counter()
-    while len(tokens) < max_new_tokens and tokens[-1] not in eos:
+    steps, eos_seen = 0, tokens[0] in eos
+    while more_steps(len(tokens), max_new_tokens, steps, eos_seen):
         out = target(input_ids=tok.view(1, 1), past_key_values=cache, use_cache=True)
         tok = pick(out.logits[0, -1], temperature, generator)
         tokens.append(int(tok))
+        steps, eos_seen = steps + 1, eos_seen or tokens[-1] in eos
     sync(dev)
-    return Generation(tokens, t1 - t0, time.perf_counter() - t1)
+    return Generation(truncate(tokens, max_new_tokens, eos), t1 - t0, time.perf_counter() - t1)
 
 
 class DrafterProposer:
@@ -123,8 +136,8 @@ def dflash_generate(target, drafter, prompt_ids: list[int], max_new_tokens: int,
     pending = torch.cat([out.hidden_states[i + 1] for i in layer_ids], dim=-1)   # context not yet in draft cache
     sync(dev)
     t1 = time.perf_counter()
-    accept, first_pass = [], 0.0
-    while len(tokens) < max_new_tokens and not eos.intersection(tokens[-bs:]):
+    accept, first_pass, eos_seen = [], 0.0, tokens[0] in eos
+    while more_steps(len(tokens), max_new_tokens, len(accept), eos_seen):
         start = len(prompt_ids) + len(tokens) - 1            # position of the last committed token
         draft = propose(tokens, start, pending, bs).view(1, bs - 1)
         if not accept:                                       # the drafter's first pass, over the prompt context
@@ -134,7 +147,9 @@ def dflash_generate(target, drafter, prompt_ids: list[int], max_new_tokens: int,
         out = target(input_ids=verify, past_key_values=cache, use_cache=True, output_hidden_states=True)
         post = pick(out.logits[0], temperature, generator)                       # (bs,)
         a = int(torch.cumprod((draft[0] == post[:-1]).int(), 0).sum())
-        tokens += draft[0, :a].tolist() + [int(post[a])]
+        new = draft[0, :a].tolist() + [int(post[a])]
+        tokens += new
+        eos_seen = eos_seen or bool(eos.intersection(new))
         accept.append(a + 1)
         crop_cache(cache, start + a + 1)
         pending = torch.cat([out.hidden_states[i + 1][:, : a + 1] for i in layer_ids], dim=-1)

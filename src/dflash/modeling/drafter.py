@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from dflash.errors import DataError
+from dflash.errors import ConfigError, DataError
 from dflash.plan import pretrained
-from dflash.plan.config import check_mask_id
+from dflash.plan.config import check_mask_id, layer_ids_problem
 
 
 def build_target_layer_ids(num_target_layers: int, n: int) -> list[int]:
@@ -115,9 +115,9 @@ class DrafterConfig:
         t = target_config
         if self.hidden_size != t.hidden_size:
             raise DataError(f"{source}: hidden_size: {self.hidden_size}, the target's is {t.hidden_size}")
-        if max(self.target_layer_ids) >= t.num_hidden_layers:
-            raise DataError(f"{source}: dflash_config.target_layer_ids: {self.target_layer_ids} are not all layers "
-                            f"of the {t.num_hidden_layers}-layer target")
+        problem = layer_ids_problem(self.target_layer_ids, t.num_hidden_layers)
+        if problem:
+            raise DataError(f"{source}: dflash_config.target_layer_ids: {problem}")
         if not 0 <= self.mask_token_id < t.vocab_size:
             raise DataError(f"{source}: dflash_config.mask_token_id: {self.mask_token_id} is outside the target's "
                             f"{t.vocab_size} embedding rows")
@@ -128,9 +128,9 @@ class DrafterConfig:
         t = target_config
         n_feat = drafter_cfg.get("num_target_layers") or drafter_cfg["num_layers"]
         ids = drafter_cfg.get("target_layer_ids") or build_target_layer_ids(t.num_hidden_layers, n_feat)
-        if max(ids) >= t.num_hidden_layers or len(set(ids)) != len(ids):
-            raise ValueError(f"drafter.target_layer_ids: {ids} must be distinct layers of the "
-                             f"{t.num_hidden_layers}-layer target")
+        problem = layer_ids_problem(ids, t.num_hidden_layers)
+        if problem:
+            raise ConfigError(f"drafter.target_layer_ids: {problem}")
         if drafter_cfg.get("mask_token_id") is not None:
             check_mask_id(mask_token_id, t.vocab_size, "drafter")
         elif not 0 <= mask_token_id < t.vocab_size:

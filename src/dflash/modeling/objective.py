@@ -89,16 +89,19 @@ def dense_mask(anchors: torch.Tensor, context_len: int, block_size: int) -> torc
 
 
 def block_loss(logits: torch.Tensor, blocks: Blocks, block_size: int) -> dict:
-    """Decay-weighted cross entropy normalised by the weight sum; accuracy overall and per block position."""
+    """Decay-weighted cross entropy: `loss_sum` (sum of weight x CE, SpecForge's `loss_terms` numerator),
+    `weight_sum` (its denominator) and `loss` (their ratio, the micro-batch's weighted mean); accuracy overall and
+    per block position."""
     ce = F.cross_entropy(logits.float().flatten(0, 1), blocks.labels.flatten(), reduction="none").view_as(blocks.labels)
     w = blocks.weights
     wsum = w.sum()
-    loss = (ce * w).sum() / wsum.clamp(min=1e-9)
+    loss_sum = (ce * w).sum()
+    loss = loss_sum / wsum.clamp(min=1e-9)
     counted = w > 0
     correct = (logits.argmax(-1) == blocks.labels) & counted
     per_k_n = torch.zeros(block_size, device=w.device).index_add_(0, blocks.k, counted.sum(0).float())
     per_k_c = torch.zeros(block_size, device=w.device).index_add_(0, blocks.k, correct.sum(0).float())
-    return {"loss": loss, "weight_sum": wsum.detach(), "correct": correct.sum().detach(),
+    return {"loss": loss, "loss_sum": loss_sum, "weight_sum": wsum.detach(), "correct": correct.sum().detach(),
             "counted": counted.sum().detach(), "per_k_correct": per_k_c.detach(), "per_k_counted": per_k_n.detach()}
 
 
@@ -152,11 +155,12 @@ def fused_block_loss(hidden: torch.Tensor, lm_weight: torch.Tensor, blocks: Bloc
     """block_loss with the frozen LM head fused into the loss (no full-vocab logits kept); same outputs."""
     w = blocks.weights
     wsum = w.sum()
-    coef = (w / wsum.clamp(min=1e-9)).flatten()
-    loss, correct = _FusedLinearCE.apply(hidden.flatten(0, 1), lm_weight, blocks.labels.flatten(), coef, chunk)
+    loss_sum, correct = _FusedLinearCE.apply(hidden.flatten(0, 1), lm_weight, blocks.labels.flatten(), w.flatten(),
+                                             chunk)
+    loss = loss_sum / wsum.clamp(min=1e-9)
     counted = w > 0
     correct = correct.view_as(w) & counted
     per_k_n = torch.zeros(block_size, device=w.device).index_add_(0, blocks.k, counted.sum(0).float())
     per_k_c = torch.zeros(block_size, device=w.device).index_add_(0, blocks.k, correct.sum(0).float())
-    return {"loss": loss, "weight_sum": wsum.detach(), "correct": correct.sum().detach(),
+    return {"loss": loss, "loss_sum": loss_sum, "weight_sum": wsum.detach(), "correct": correct.sum().detach(),
             "counted": counted.sum().detach(), "per_k_correct": per_k_c.detach(), "per_k_counted": per_k_n.detach()}

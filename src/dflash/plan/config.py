@@ -21,7 +21,7 @@ from dflash.data.benchmarks import DATASETS, FAMILIES, SYNTHETIC_PREFIX
 from dflash.errors import ConfigError
 from dflash.plan import pretrained
 from dflash.plan.paths import PHASES_DIR, SCHEMA_DIR
-from dflash.stages import BY_NAME
+from dflash.stages import BY_NAME, trained
 
 # A phase name is a Snakemake rule name and reaches shell commands: a plain identifier, not a rule of the workflow.
 PHASE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
@@ -279,13 +279,23 @@ def load_phase(name: str, phases_dir: Path = PHASES_DIR) -> Phase:
                  references=list(doc.get("references", [])), external=dict(doc.get("external", {})), chain=chain)
 
 
+# The loss decay's gamma per block size, from the DFlash paper's training recipe (arXiv 2602.06036: "gamma = 7 for
+# block size 16, 5 for 10, 4 for 8"); `train.gamma: null` takes the value of the drafter's block size.
+PAPER_GAMMA = {16: 7.0, 10: 5.0, 8: 4.0}
+
+
 def fill_run(run: dict) -> dict:
     """A run config with the schema's defaults filled; a target kind's own section (`target.qwen3_offline`) only
-    when that kind is chosen (only `synthetic`'s is filled always: older phases' keys hash it)."""
+    when that kind is chosen (only `synthetic`'s is filled always: older phases' keys hash it); `train.gamma` null
+    becomes the paper's value for the block size (left null for other block sizes: `check_run` names the field)."""
     schema = _schema(SCHEMA_DIR / "phase.schema.yaml")
     if (run.get("target") or {}).get("kind") == "qwen3_offline":
         run = {**run, "target": {"qwen3_offline": {}, **run["target"]}}
-    return fill_defaults(run, {**schema["$defs"]["run"], "$defs": schema["$defs"]}, schema)
+    full = fill_defaults(run, {**schema["$defs"]["run"], "$defs": schema["$defs"]}, schema)
+    train, block = full.get("train"), (full.get("drafter") or {}).get("block_size")
+    if isinstance(train, dict) and train.get("gamma") is None and block in PAPER_GAMMA:
+        train["gamma"] = PAPER_GAMMA[block]
+    return full
 
 
 def check_run(run: dict, where: str) -> None:
@@ -305,7 +315,14 @@ def check_run(run: dict, where: str) -> None:
         raise ConfigError(f"{where}.drafter.mask_token_id: give drafter.mask_token or drafter.mask_token_id, not both")
     if "mask_token_id" in dr:
         check_mask_id(dr["mask_token_id"], known_embedding_rows(t), f"{where}.drafter")
+    if dr.get("target_layer_ids") and trained(run):
+        problem = layer_ids_problem(dr["target_layer_ids"], known_target_layers(t))
+        if problem:
+            raise ConfigError(f"{where}.drafter.target_layer_ids: {problem}")
     tr = run["train"]
+    if tr["gamma"] is None and trained(run):
+        raise ConfigError(f"{where}.train.gamma: required for drafter.block_size {dr['block_size']} (the DFlash paper "
+                          f"gives gamma for block sizes {', '.join(map(str, sorted(PAPER_GAMMA)))} only)")
     if tr["min_lr"] > tr["lr"]:
         raise ConfigError(f"{where}.train.min_lr: must be <= train.lr ({tr['lr']})")
     for i, src in enumerate(run["data"]["sources"]):
@@ -384,6 +401,34 @@ def known_embedding_rows(target: dict) -> int | None:
     if target["kind"] == "path" and config.is_file():
         cfg = json.loads(config.read_text())
         return cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size")
+    return None
+
+
+def known_target_layers(target: dict) -> int | None:
+    """The target's decoder layers where they are known without running anything (synthetic, qwen3_offline: their
+    `num_layers`; a local `path` target's config.json); None for the others (hub, gguf), checked at training."""
+    if target["kind"] in ("synthetic", "qwen3_offline"):
+        return target[target["kind"]]["num_layers"]
+    config = Path(target.get("path", "")) / "config.json"
+    if target["kind"] == "path" and config.is_file():
+        cfg = json.loads(config.read_text())
+        return cfg.get("num_hidden_layers") or (cfg.get("text_config") or {}).get("num_hidden_layers")
+    return None
+
+
+def layer_ids_problem(ids: list[int], layers: int | None) -> str | None:
+    """Why feature layers `ids` do not fit an `layers`-layer target, or None. The last layer (layers - 1) is refused:
+    training reads each feature layer's decoder output (a forward hook, before the final norm), while for the last
+    layer HF's `output_hidden_states` (the bench engines, z-lab's loop) and SGLang give the state after the final
+    norm, so a drafter trained on it would be served a different tensor; z-lab's layer rule never picks it."""
+    if layers is None:
+        return None
+    if len(set(ids)) != len(ids) or max(ids) >= layers:
+        return f"{ids} must be distinct layers of the {layers}-layer target"
+    if max(ids) == layers - 1:
+        return (f"{ids} include layer {layers - 1}, the target's last: training reads it before the final norm, HF's "
+                f"output_hidden_states and SGLang after it (z-lab's layer rule never picks it); use layers below "
+                f"{layers - 1}")
     return None
 
 

@@ -97,7 +97,7 @@ def _run(run: dict, overlay: dict, where: str) -> tuple[dict, dict]:
     rec.cap(run["tokenize"], "max_length", caps["max_length"], "tokenize.max_length")
     rec.cap(run["tokenize"], "min_loss_tokens", caps["min_loss_tokens"], "tokenize.min_loss_tokens")
     layers = (run["target"].get(run["target"]["kind"]) or {}).get("num_layers")
-    if layers and max(run["drafter"].get("target_layer_ids") or [0]) >= layers:
+    if layers and max(run["drafter"].get("target_layer_ids") or [0]) >= layers - 1:
         rec.set(run["drafter"], "target_layer_ids", None, "drafter.target_layer_ids")     # z-lab's rule for the depth
     if "mask_token_id" not in run["drafter"]:
         rec.set(run["drafter"], "mask_token", None, "drafter.mask_token", drop=True)

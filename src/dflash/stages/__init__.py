@@ -85,15 +85,21 @@ STAGES: tuple[Stage, ...] = (
           "`tokens.pt` with the assistant-only loss mask", lambda run, phase, ds=None: {"tokenize": run["tokenize"]},
           when=trained),
     # train 2: anchors need the loss mask at p and p + 1 and blocks may run past the row end (SpecForge's rule,
-    # was: room for a whole block); AdamW betas (0.9, 0.999) as SpecForge (was 0.9, 0.95)
-    Stage("train", 2, ("tokenize", "target"), "`drafter`, `train`, the layout's data-parallel size",
+    # was: room for a whole block); AdamW betas (0.9, 0.999) as SpecForge (was 0.9, 0.95). train 3: the loss is
+    # normalised by the weight sum over all micro-batches and ranks of a step, as SpecForge (was: the mean of each
+    # micro-batch's weighted mean; `train.loss_normalisation: micro_batch_mean`); the summary counts
+    # `empty_micro_batches`
+    Stage("train", 3, ("tokenize", "target"), "`drafter`, `train`, the layout's data-parallel size",
           "`drafter.pt`, `metrics.jsonl`, `summary.json`",
           lambda run, phase, ds=None: {"drafter": run["drafter"], "train": run["train"],
                                        "data_parallel": data_parallel(run["resources"].get("train", {}))},
           when=trained),
     Stage("convert", 1, ("train",), "`convert`", "`model.safetensors` + `config.json` (z-lab / SGLang format)",
           lambda run, phase, ds=None: {"convert": run["convert"]}, when=trained),
-    Stage("bench", 1, ("convert?", "target"),
+    # bench 2: the hf and fast loops stop as z-lab's dflash_generate (one more step when exactly max_new_tokens are
+    # committed, one step after a first token that is EOS; the target-only baseline likewise): accept lengths are
+    # z-lab's
+    Stage("bench", 2, ("convert?", "target"),
           "`bench`, one dataset entry (`drafter.pretrained`: its files' sha256, or hub id and revision)",
           "`records.jsonl` (raw, per request), `summary.json`", _bench, per_dataset=True),
 )

@@ -3,7 +3,8 @@
 Per optimizer step and micro-batch: the frozen target (bf16 on GPU, no grad) computes the outputs of
 `target_layer_ids`; anchors are sampled from a generator seeded by (seed, step, rank), so a resumed run samples the
 same ones; the drafter predicts every block from the target context before its anchor; the decay-weighted loss
-(LM head fused into the loss) is backpropagated. Gradients sync only on the last micro-step.
+(LM head fused into the loss) is backpropagated, normalised as SpecForge does (see `accumulate_gradients`).
+Gradients sync only on the last micro-step.
 
 One process, or several under torchrun / Ray Train: the drafter is then sharded with FSDP2 (`fully_shard` per
 decoder layer, bf16 compute, fp32 master weights and optimizer state). Checkpoints (torch DCP, sharded) go to a work
@@ -113,6 +114,58 @@ def train_step_loss(target, drafter, mcfg, ids, lmask, lens, tc, gen, make_block
     return objective.fused_block_loss(hidden.to(lm_weight.dtype), lm_weight, blocks, bs, tc["loss_chunk"])
 
 
+# Loss normalisation (`train.loss_normalisation`; omitted: the first). Every supervised block position weighs the
+# same whatever micro-batch or rank it falls in (SpecForge), or every micro-batch weighs the same (the earlier rule,
+# kept for ablations; with micro batch 1 every sample weighs the same however many positions it supervises).
+DEFAULT_NORMALISATION = "global_weight_sum"
+NORMALISATIONS = {
+    "global_weight_sum": "SpecForge specforge/training/controller.py (TrainerCore.train_step backpropagates the sum "
+                         "of weighted loss terms; _normalize_gradients scales gradients by world_size x "
+                         "accumulation_steps / the all-reduced weight sum once per optimizer step)",
+    "micro_batch_mean": "the weighted mean loss of each micro-batch, averaged over micro-batches and ranks",
+}
+# Slots of the per-step accumulator (float64, summed over micro-batches, then over ranks).
+LOSS, WSUM, CORRECT, COUNTED, TOKENS, EMPTY, PER_K = range(7)
+
+
+def accumulate_gradients(drafter, micro_loss, n_micro: int, normalisation: str, world: int, block_size: int):
+    """One optimizer step's gradients in `drafter`'s .grad from `n_micro` micro-batches (`micro_loss(i)`: the loss
+    dict of micro-batch i, see objective.fused_block_loss, plus `tokens`); returns the accumulator summed over ranks,
+    with slot LOSS the step's loss under that normalisation.
+
+    global_weight_sum: each micro-batch backpropagates its sum of weighted CE; once all have, the gradients (which
+    FSDP averages over the `world` ranks) are scaled by world / the weight sum over all micro-batches and ranks, so
+    they are the gradient of the pooled objective sum(w x CE) / sum(w). A step whose global weight sum is 0 keeps
+    zero gradients (the caller skips it). micro_batch_mean: each backpropagates its weighted mean / n_micro."""
+    acc = torch.zeros(PER_K + 2 * block_size, dtype=torch.float64)
+    for micro in range(n_micro):
+        if hasattr(drafter, "set_requires_gradient_sync"):
+            drafter.set_requires_gradient_sync(micro == n_micro - 1)
+        res = micro_loss(micro)
+        if normalisation == "micro_batch_mean":
+            (res["loss"] / n_micro).backward()
+            acc[LOSS] += res["loss"].item() / n_micro / world
+        else:
+            res["loss_sum"].backward()
+            acc[LOSS] += res["loss_sum"].item()
+        acc[WSUM:EMPTY + 1] += torch.tensor([float(res["weight_sum"]), float(res["correct"]), float(res["counted"]),
+                                             float(res["tokens"]), float(res["weight_sum"] == 0)],
+                                            dtype=torch.float64)
+        acc[PER_K:PER_K + block_size] += res["per_k_correct"].cpu().double()
+        acc[PER_K + block_size:] += res["per_k_counted"].cpu().double()
+    device = next(iter(drafter.parameters())).device
+    acc = all_sum(acc.to(device), world).cpu()
+    if normalisation != "micro_batch_mean":
+        total = acc[WSUM].item()
+        acc[LOSS] = acc[LOSS] / total if total > 0 else 0.0
+        if total > 0:
+            scale = world / total
+            for p in drafter.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+    return acc
+
+
 def train(cfg: dict, out: Path, upstream: dict[str, Path], work: Path, log=print, logging: dict | None = None) -> dict:
     tc, dc = cfg["train"], cfg["drafter"]
     rank, world, device_name = init_distributed()
@@ -137,11 +190,11 @@ def train(cfg: dict, out: Path, upstream: dict[str, Path], work: Path, log=print
     if rank == 0:
         work.mkdir(parents=True, exist_ok=True)
     barrier(world)
-    start, invalid = 0, 0
+    start, invalid, empty = 0, 0, 0
     ckpt = broadcast_path(find_checkpoint(work, log) if rank == 0 else None, rank, world)
     if ckpt is not None:
         meta = load_checkpoint(ckpt, drafter, opt)
-        start, invalid = meta["step"], meta["invalid_steps"]
+        start, invalid, empty = meta["step"], meta["invalid_steps"], meta.get("empty_micro_batches", 0)
         log(f"train: resumed from step {start} ({ckpt.name})")
     metrics_path = work / METRICS
     if rank == 0:
@@ -155,6 +208,7 @@ def train(cfg: dict, out: Path, upstream: dict[str, Path], work: Path, log=print
     log(f"train: {data.n} rows, {steps} steps (schedule length {steps}), global batch {global_batch} "
         f"= {tc['micro_batch_size']} x {tc['grad_accum']} accum x {world} ranks, drafter "
         f"{sum(p.numel() for p in drafter.parameters()) / 1e6:.2f}M params, target layers {mcfg.target_layer_ids}")
+    normalisation = tc.get("loss_normalisation", DEFAULT_NORMALISATION)
     tracker = Tracker(metrics_path, logging or {}, cfg, steps, start, rank, log)
     t_start = time.time()
     drafter.train()
@@ -165,26 +219,21 @@ def train(cfg: dict, out: Path, upstream: dict[str, Path], work: Path, log=print
         for g in opt.param_groups:
             g["lr"] = lr
         gen = torch.Generator().manual_seed((tc["seed"] * 1_000_003 + step) * 1009 + rank)
-        acc = torch.zeros(5 + 2 * bs, dtype=torch.float64)   # loss, wsum, correct, counted, tokens, per-k (2 x bs)
-        for micro in range(tc["grad_accum"]):
+
+        def micro_loss(micro: int, step=step, gen=gen) -> dict:
             first = ((step * tc["grad_accum"] + micro) * world + rank) * per_rank
             ids, lmask, lens = (t.to(device) for t in data.get(list(range(first, first + per_rank)), pad, width))
-            if hasattr(drafter, "set_requires_gradient_sync"):
-                drafter.set_requires_gradient_sync(micro == tc["grad_accum"] - 1)
             res = train_step_loss(target, drafter, mcfg, ids, lmask, lens, tc, gen, make_block_mask, embed,
                                   lm_weight)
-            (res["loss"] / tc["grad_accum"]).backward()
-            acc[0] += res["loss"].item() / tc["grad_accum"]
-            acc[1:5] += torch.tensor([float(res["weight_sum"]), float(res["correct"]), float(res["counted"]),
-                                      float(lens.sum())], dtype=torch.float64)
-            acc[5:5 + bs] += res["per_k_correct"].cpu().double()
-            acc[5 + bs:] += res["per_k_counted"].cpu().double()
-        acc = all_sum(acc.to(device), world).cpu()
-        loss = acc[0].item() / world
+            return {**res, "tokens": lens.sum()}
+
+        acc = accumulate_gradients(drafter, micro_loss, tc["grad_accum"], normalisation, world, bs)
+        loss = acc[LOSS].item()
         if not math.isfinite(loss):
             raise FloatingPointError(f"train: non-finite loss {loss} at step {step + 1}")
+        empty += int(acc[EMPTY])
         gnorm = None
-        if acc[1] == 0:
+        if acc[WSUM] == 0:
             invalid += 1
             opt.zero_grad(set_to_none=True)
         else:
@@ -196,15 +245,16 @@ def train(cfg: dict, out: Path, upstream: dict[str, Path], work: Path, log=print
         dt, done = time.time() - t0, step + 1
         rec = None
         if done % tc["log_every"] == 0 or done == steps:
-            per_k = (acc[5:5 + bs] / acc[5 + bs:].clamp(min=1)).tolist()
-            rec = {"step": done, "loss": loss, "acc": acc[2].item() / max(1.0, acc[3].item()),
+            per_k = (acc[PER_K:PER_K + bs] / acc[PER_K + bs:].clamp(min=1)).tolist()
+            rec = {"step": done, "loss": loss, "acc": acc[CORRECT].item() / max(1.0, acc[COUNTED].item()),
                    "acc_per_position": [round(a, 4) for a in per_k[1:]], "lr": lr, "grad_norm": gnorm,
-                   "samples_per_s": global_batch / dt, "tokens_per_s": acc[4].item() / dt, "step_s": dt,
-                   "invalid_steps": invalid,
+                   "samples_per_s": global_batch / dt, "tokens_per_s": acc[TOKENS].item() / dt, "step_s": dt,
+                   "invalid_steps": invalid, "empty_micro_batches": empty,
                    "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device_name == "cuda" else None}
         tracker.step(rec)
         if done % tc["save_every"] == 0 or done == steps:
-            save_checkpoint(work, done, drafter, opt, {"invalid_steps": invalid}, tc["keep_last"], rank, world)
+            save_checkpoint(work, done, drafter, opt, {"invalid_steps": invalid, "empty_micro_batches": empty},
+                            tc["keep_last"], rank, world)
         if done >= 20 and invalid / done > tc["max_invalid_frac"]:
             raise RuntimeError(f"train: {invalid} of {done} steps had no valid anchor "
                                f"(> max_invalid_frac {tc['max_invalid_frac']}); check tokenize.min_loss_tokens")
@@ -219,7 +269,9 @@ def train(cfg: dict, out: Path, upstream: dict[str, Path], work: Path, log=print
         last = _last_metrics(metrics_path)
         summary = {"steps": steps, "schedule_steps": steps, "global_batch": global_batch,
                    "samples": steps * global_batch, "rows": data.n, "epochs": steps * global_batch / data.n,
-                   "resumed_from": start, "invalid_steps": invalid, "final_loss": last.get("loss"),
+                   "resumed_from": start, "invalid_steps": invalid, "empty_micro_batches": empty,
+                   "loss_normalisation": {"mode": normalisation, "source": NORMALISATIONS[normalisation]},
+                   "final_loss": last.get("loss"),
                    "final_acc": last.get("acc"), "wall_s": wall, "device": device_name, "world_size": world,
                    "planned_data_parallel": planned,
                    "gpu_name": torch.cuda.get_device_name() if device_name == "cuda" else None,
