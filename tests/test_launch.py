@@ -539,21 +539,21 @@ time.sleep(4)
 
 
 # ---- two nodes on one host: the launcher's own commands, run (loopback only) ----------------------------------------
-# A tiny target (2 layers of width 64, a few pretraining steps) and 64 synthetic rows; every layout trains the same
+# A tiny target (2 layers of width 64, a few pretraining steps) and 96 synthetic rows; every layout trains the same
 # global batch: 2 rows per micro-batch, 4 micro-batches per step (one process accumulating 4, or two ranks
 # accumulating 2 each). Anchor sampling is seeded per (step, rank), so one rank would sample other anchors than two
 # ranks do; with num_anchors at least the padded row length every valid position is an anchor in every layout, and
 # all layouts compute the same loss.
 
 LOOPBACK_BASE = {
-    "target": {"kind": "synthetic", "synthetic": {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+    "target": {"kind": "synthetic", "synthetic": {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
                                                   "num_layers": 2, "corpus_size": 200, "steps": 4, "batch_size": 8,
                                                   "seq_len": 64}},
-    "data": {"sources": [{"kind": "synthetic", "n": 64}]},
+    "data": {"sources": [{"kind": "synthetic", "n": 96}]},
     "regenerate": {"enabled": False},
-    "tokenize": {"max_length": 48, "min_loss_tokens": 4},
+    "tokenize": {"max_length": 128, "min_loss_tokens": 4},
     "drafter": {"num_layers": 1, "block_size": 4},
-    "train": {"max_steps": 8, "micro_batch_size": 2, "grad_accum": 2, "num_anchors": 48, "log_every": 1,
+    "train": {"max_steps": 8, "micro_batch_size": 2, "grad_accum": 2, "num_anchors": 128, "log_every": 1,
               "save_every": 2, "keep_last": 4, "pad_to": "dataset"},
 }
 LOOPBACK_LAYOUTS = {                # phase -> (train overrides, train resources)
@@ -624,6 +624,9 @@ def _finish(proc: subprocess.Popen, timeout: float, rc: int | None = 0) -> str:
 
     try:
         out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        loopback_slurm.kill_tree(proc.pid)
+        raise AssertionError(f"timed out after {timeout} s:\n{proc.communicate()[0][-4000:]}") from None
     finally:
         if proc.poll() is None:
             loopback_slurm.kill_tree(proc.pid)
