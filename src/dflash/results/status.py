@@ -1,12 +1,15 @@
 """`dflash status <phase>`: every stage instance of a phase (and its report) done, running or waiting.
 
-Read from the results tree only: done = `provenance.json` in place; running = a temporary directory
+Read from the results tree: done = `provenance.json` in place; running = a temporary directory
 `results/<stage>/.tmp-<key>-<pid>` whose builder runs on this host (with its elapsed time and the last progress line
-of `results/logs/<stage>/<key>.log`); waiting = neither (not started, queued, or running on another node).
+of `results/logs/<stage>/<key>.log`), or a job a running Snakemake workflow has started (its output marked incomplete
+in `.snakemake/incomplete/` while `.snakemake/locks/` holds a lock: starting, or on another node; no pid);
+waiting = neither (not started, or queued).
 """
 
 from __future__ import annotations
 
+import base64
 import os
 import time
 from pathlib import Path
@@ -51,6 +54,17 @@ def builder(parent: Path, name: str) -> tuple[int, Path] | None:
     return None
 
 
+def started_by_snakemake(output: Path, workflow: Path = Path(".snakemake")) -> float | None:
+    """When a running Snakemake workflow started the job of `output` (its incomplete marker), else None."""
+    if not any((workflow / "locks").glob("*.lock")):
+        return None
+    marker = workflow / "incomplete" / base64.b64encode(str(output).encode()).decode()
+    try:
+        return marker.stat().st_mtime
+    except OSError:
+        return None
+
+
 def rows(reg: Registry, phase: str, now: float | None = None) -> list[dict]:
     """One row per stage instance of the phase (shared ones once, with every run that uses them), the report last."""
     now = time.time() if now is None else now
@@ -75,6 +89,8 @@ def rows(reg: Registry, phase: str, now: float | None = None) -> list[dict]:
         if found:
             pid, d = found
             r.update(state="running", pid=pid, elapsed_s=round(now - started(pid, d)), progress=last_line(r["log"]))
+        elif (since := started_by_snakemake(r["dir"] / "provenance.json")) is not None:
+            r.update(state="running", elapsed_s=round(now - since), progress=last_line(r["log"]))
     return out
 
 
@@ -92,6 +108,7 @@ def text(phase: str, table: list[dict]) -> str:
             runs = ",".join(r["runs"])
             line = f"  {state:<8} {r['name']:<26} {r['key']}  {runs}"
             if state == "running":
-                line += f"  pid {r['pid']}  {elapsed(r['elapsed_s'])}  {r['progress'] or '(no log line yet)'}"
+                pid = f"pid {r['pid']}" if r["pid"] else "started by Snakemake"
+                line += f"  {pid}  {elapsed(r['elapsed_s'])}  {r['progress'] or '(no log line yet)'}"
             lines.append(line)
     return "\n".join(lines)
