@@ -347,7 +347,7 @@ def figures(ph: Phase, data: dict, out: Path) -> None:
         summaries = list(r["bench"].values())
         hist = [sum(col) for col in zip(*(s["histogram"] for s in summaries), strict=True)]
         total = sum(hist) or 1
-        ax1.plot(range(len(hist)), [h / total for h in hist], marker="o", label=run)
+        ax1.plot(range(1, len(hist)), [h / total for h in hist[1:]], marker="o", label=run)   # >= 1: the bonus
         pos = [statistics.fmean(col) for col in zip(*(s["acceptance_per_position"] for s in summaries), strict=True)]
         ax2.plot(range(1, len(pos) + 1), pos, marker="o", label=run)
     ax1.set(xlabel="accepted length per step", ylabel="share of steps",
