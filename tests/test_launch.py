@@ -8,6 +8,7 @@ import os
 import random
 import shlex
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -553,7 +554,7 @@ LOOPBACK_BASE = {
     "regenerate": {"enabled": False},
     "tokenize": {"max_length": 128, "min_loss_tokens": 4},
     "drafter": {"num_layers": 1, "block_size": 4},
-    "train": {"max_steps": 8, "micro_batch_size": 2, "grad_accum": 2, "num_anchors": 128, "log_every": 1,
+    "train": {"max_steps": 12, "micro_batch_size": 2, "grad_accum": 2, "num_anchors": 128, "log_every": 1,
               "save_every": 2, "keep_last": 4, "pad_to": "dataset"},
 }
 LOOPBACK_LAYOUTS = {                # phase -> (train overrides, train resources)
@@ -562,6 +563,8 @@ LOOPBACK_LAYOUTS = {                # phase -> (train overrides, train resources
     "lb_two_nodes": ({}, {"nodes": 2}),                    # 2 nodes x 1 process (srun + torchrun, c10d rendezvous)
     "lb_two_nodes_ray": ({}, {"nodes": 2, "launcher": "ray", "cpus": 1}),   # a Ray head and a Ray worker node
 }
+# Slurm job ids of this test session (the Ray temp dir and the rendezvous id are named by them)
+JOB = str(os.getpid())
 # one thread per process in every layout, so that no kernel splits its sums differently between layouts
 LOOPBACK_ENV = {"OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_object_store_memory": str(100 * 2**20)}
 
@@ -597,7 +600,7 @@ def loopback(tmp_path_factory):
         assert proc.returncode == 0, proc.stderr[-3000:]
     drafters = {}
     for phase in ("lb_one_proc", "lb_one_node"):
-        out = _finish(_job(repo, tmp, phase, keys[phase], ["node0"], f"ref{phase[-4:]}"), 300)
+        out = _finish(_job(repo, tmp, phase, keys[phase], ["node0"], JOB + str(len(drafters))), 300)
         assert "train: resumed" not in out
         drafters[phase] = _keep(repo, tmp, keys[phase], phase)
     return repo, tmp, keys, drafters
@@ -657,7 +660,7 @@ def _max_diff(a: Path, b: Path) -> float:
 # 2 nodes x 1 process and 1 node x 2 processes run the same arithmetic (gloo sums two values, which is
 # order-free): bit for bit. One process accumulates the four micro-batch gradients itself, where two ranks each
 # accumulate two and then average them in FSDP2's reduce-scatter: the same sum in another order, which differs in
-# the last fp32 bit, and 8 AdamW steps carry that into the weights. Measured max |difference| 1.2e-7 (one ulp of
+# the last fp32 bit, and 12 AdamW steps carry that into the weights. Measured max |difference| 1.2e-7 (one ulp of
 # the norm weights, ~1.0; 7e-9 on the linear weights, ~0.08).
 ONE_PROC_ATOL = 1e-6
 
@@ -672,25 +675,27 @@ def test_two_nodes_torchrun_equals_one_node_and_resumes_after_a_node_is_killed(l
     repo, tmp, keys, refs = loopback
     key = keys["lb_two_nodes"]
     work = repo / "results" / "checkpoints" / f"train-{key}"
-    proc = _job(repo, tmp, "lb_two_nodes", key, ["node0", "node1"], "201")
+    proc = _job(repo, tmp, "lb_two_nodes", key, ["node0", "node1"], JOB + "2")
     deadline = time.time() + 180
     while not (work / "step-00000002" / "meta.json").is_file():
         assert proc.poll() is None and time.time() < deadline, _finish(proc, 10, rc=None)[-4000:]
         time.sleep(0.1)
     step = (proc.state / "step-0").read_text()                # the launcher's srun step, as generated
     assert step.startswith("torchrun --nnodes=2 --nproc-per-node=1 --rdzv-backend=c10d --rdzv-endpoint=node0:")
-    assert "--rdzv-id=201 --no-python" in step and step.endswith(f"stage train {key}")
+    assert f"--rdzv-id={JOB}2 --no-python" in step and step.endswith(f"stage train {key}")
+    loopback_slurm.kill_tree(proc.pid, signal.SIGSTOP)       # the job frozen first: it cannot finish before the kill
     for pid in (proc.state / "node1.pids").read_text().split():
         loopback_slurm.kill_tree(int(pid))
+    loopback_slurm.kill_tree(proc.pid, signal.SIGCONT)
     out = _finish(proc, 120, rc=None)
     assert proc.returncode != 0, out[-4000:]
     assert not (repo / "results" / "train" / key / "provenance.json").exists()
-    rerun = _finish(_job(repo, tmp, "lb_two_nodes", key, ["node0", "node1"], "202"), 300)
+    rerun = _finish(_job(repo, tmp, "lb_two_nodes", key, ["node0", "node1"], JOB + "3"), 300)
     assert "train: resumed from step" in rerun
     summary = json.loads((repo / "results" / "train" / key / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["steps"] == 8 and summary["resumed_from"] >= 2
+    assert summary["world_size"] == 2 and summary["steps"] == 12 and 2 <= summary["resumed_from"] < 12
     steps = [json.loads(line)["step"] for line in open(repo / "results" / "train" / key / "metrics.jsonl")]
-    assert steps == list(range(1, 9))
+    assert steps == list(range(1, 13))
     got = _keep(repo, tmp, key, "two_nodes")
     assert _max_diff(got, refs["lb_one_node"]) == 0.0
     assert _max_diff(got, refs["lb_one_proc"]) <= ONE_PROC_ATOL
@@ -703,7 +708,7 @@ def test_two_nodes_ray_workers_on_both_nodes_equal_one_node(loopback):
     pytest.importorskip("ray.train", reason="Ray Train is the `ray` extra")
     repo, tmp, keys, refs = loopback
     key = keys["lb_two_nodes_ray"]
-    proc = _job(repo, tmp, "lb_two_nodes_ray", key, ["node0", "node1"], "301")
+    proc = _job(repo, tmp, "lb_two_nodes_ray", key, ["node0", "node1"], JOB + "4")
     out = _finish(proc, 400)
     step = (proc.state / "step-0").read_text()
     assert step.startswith("ray start --address=127.0.0.1:") and "--block" in step
@@ -713,5 +718,5 @@ def test_two_nodes_ray_workers_on_both_nodes_equal_one_node(loopback):
     got = _keep(repo, tmp, key, "two_nodes_ray")
     assert _max_diff(got, refs["lb_one_node"]) == 0.0
     assert _max_diff(got, refs["lb_one_proc"]) <= ONE_PROC_ATOL
-    left = subprocess.run(["pgrep", "-f", commands.ray_temp_dir("301")], capture_output=True, text=True).stdout
+    left = subprocess.run(["pgrep", "-f", commands.ray_temp_dir(JOB + "4")], capture_output=True, text=True).stdout
     assert not left.split(), left
