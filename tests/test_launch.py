@@ -661,7 +661,7 @@ def _max_diff(a: Path, b: Path) -> float:
 # order-free): bit for bit. One process accumulates the four micro-batch gradients itself, where two ranks each
 # accumulate two and then average them in FSDP2's reduce-scatter: the same sum in another order, which differs in
 # the last fp32 bit, and 12 AdamW steps carry that into the weights. Measured max |difference| 1.2e-7 (one ulp of
-# the norm weights, ~1.0; 7e-9 on the linear weights, ~0.08).
+# the norm weights, ~1.0; 4.4e-8 on the linear weights, ~0.08).
 ONE_PROC_ATOL = 1e-6
 
 
