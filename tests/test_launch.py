@@ -8,6 +8,8 @@ import os
 import random
 import re
 import shlex
+import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -15,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import BIN, ROOT, copy_repo, dflash, env, snakemake
 from dflash.launch import commands, profiles, slurm
@@ -156,6 +159,11 @@ def test_ray_multi_node_script(monkeypatch):
                              "--gpus-per-node=8 ray start")
     assert f"--address=10.0.0.1:{port}" in worker and "--block" in worker and "--head" not in worker
     assert f"DFLASH_RAY_ADDRESS=10.0.0.1:{port} DFLASH_RAY_WORKERS=24 " in script
+    # the worker nodes' own ports follow the head's block: a head and a worker sharing one host never collide
+    head_ports = {int(v) for k, v in (o.split("=", 1) for o in shlex.split(head) if "=" in o) if k.endswith("port")}
+    node_ports = {int(v) for k, v in (o.split("=", 1) for o in shlex.split(worker) if "=" in o) if k.endswith("port")}
+    assert len(node_ports) == len(head_ports) - 2 and not head_ports & node_ports         # less port, dashboard
+    assert node_ports <= set(range(int(port) + commands.RAY_PORT_BLOCK, int(port) + 2 * commands.RAY_PORT_BLOCK))
 
 
 def _exe(path: Path, text: str) -> Path:
@@ -538,3 +546,186 @@ time.sleep(4)
             proc.wait()
     assert proc.returncode == 0 and "task 7" in out, err[-3000:]
     assert not ours, f"the job's Ray ports {sorted(ours)} listen on the host"
+
+
+# ---- two nodes on one host: the launcher's own commands, run (loopback only) ----------------------------------------
+# A tiny target (2 layers of width 64, a few pretraining steps) and 96 synthetic rows; every layout trains the same
+# global batch: 2 rows per micro-batch, 4 micro-batches per step (one process accumulating 4, or two ranks
+# accumulating 2 each). Anchor sampling is seeded per (step, rank), so one rank would sample other anchors than two
+# ranks do; with num_anchors at least the padded row length every valid position is an anchor in every layout, and
+# all layouts compute the same loss.
+
+LOOPBACK_BASE = {
+    "target": {"kind": "synthetic", "synthetic": {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+                                                  "num_layers": 2, "corpus_size": 200, "steps": 4, "batch_size": 8,
+                                                  "seq_len": 64}},
+    "data": {"sources": [{"kind": "synthetic", "n": 96}]},
+    "regenerate": {"enabled": False},
+    "tokenize": {"max_length": 128, "min_loss_tokens": 4},
+    "drafter": {"num_layers": 1, "block_size": 4},
+    "train": {"max_steps": 12, "micro_batch_size": 2, "grad_accum": 2, "num_anchors": 128, "log_every": 1,
+              "save_every": 2, "keep_last": 4, "pad_to": "dataset"},
+}
+LOOPBACK_LAYOUTS = {                # phase -> (train overrides, train resources)
+    "lb_one_proc": ({"grad_accum": 4}, {}),
+    "lb_one_node": ({}, {"gpus": 2}),                      # 1 node x 2 processes (torchrun --standalone), gloo on CPU
+    "lb_two_nodes": ({}, {"nodes": 2}),                    # 2 nodes x 1 process (srun + torchrun, c10d rendezvous)
+    "lb_two_nodes_ray": ({}, {"nodes": 2, "launcher": "ray", "cpus": 1}),   # a Ray head and a Ray worker node
+}
+# Slurm job ids of this test session (the Ray temp dir and the rendezvous id are named by them)
+JOB = str(os.getpid())
+# one thread per process in every layout, so that no kernel splits its sums differently between layouts
+LOOPBACK_ENV = {"OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_object_store_memory": str(100 * 2**20)}
+
+
+def _loopback_namespaces() -> bool:
+    probe = subprocess.run(["unshare", "--net", "--mount", "--uts", "--map-root-user", "sh", "-c",
+                            "ip link set lo up && unshare --uts hostname n1"], capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.fixture(scope="module")
+def loopback(tmp_path_factory):
+    """A repository copy with one phase per layout (the same train config and global batch), their shared upstream
+    stages built, and the reference drafters of 1 process and of 1 node x 2 processes trained through the launcher.
+    Returns (repo, tmp, {phase: train key}, {phase: drafter.pt})."""
+    if not (BIN / "torchrun").exists() or not _loopback_namespaces():
+        pytest.skip("needs torchrun and unprivileged namespaces (unshare --net --mount --uts --map-root-user)")
+    tmp = tmp_path_factory.mktemp("loopback")
+    repo = copy_repo(tmp / "repo")
+    keys, upstream = {}, {}
+    for phase, (train, res) in LOOPBACK_LAYOUTS.items():
+        doc = {"description": f"two-node test layout {phase}",
+               "defaults": {**LOOPBACK_BASE, "train": {**LOOPBACK_BASE["train"], **train},
+                            **({"resources": {"train": res}} if res else {})},
+               "runs": {"main": {}}, "datasets": [{"name": "synthetic_math", "n": 1}], "references": []}
+        (repo / "configs" / "phases" / f"{phase}.yaml").write_text(yaml.safe_dump(doc))
+        plan = json.loads(dflash(repo, "plan", phase, "--json").stdout)
+        keys[phase] = next(r["key"] for r in plan if r["stage"] == "train")
+        upstream.update({r["stage"]: r["key"] for r in plan if r["stage"] in ("target", "prepare", "tokenize")})
+    assert len({keys[p] for p in ("lb_one_node", "lb_two_nodes", "lb_two_nodes_ray")}) == 1    # data parallel 2
+    for stage in ("target", "prepare", "tokenize"):
+        proc = dflash(repo, "stage", stage, upstream[stage])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    drafters = {}
+    for phase in ("lb_one_proc", "lb_one_node"):
+        out = _finish(_job(repo, tmp, phase, keys[phase], ["node0"], JOB + str(len(drafters))), 300)
+        assert "train: resumed" not in out
+        drafters[phase] = _keep(repo, tmp, keys[phase], phase)
+    return repo, tmp, keys, drafters
+
+
+def _job(repo: Path, tmp: Path, phase: str, key: str, nodes: list[str], job: str) -> subprocess.Popen:
+    """`dflash launch train <key> --phase <phase>` as the batch step of Slurm job `job` on `nodes`."""
+    import loopback_slurm
+
+    state = tmp / f"job-{job}"
+    state.mkdir()
+    bin_dir = loopback_slurm.install(tmp / "slurm-bin")
+    argv = loopback_slurm.job_argv([str(BIN / "dflash"), "launch", "train", key, "--phase", phase], nodes,
+                                   state / "hosts")
+    e = loopback_slurm.job_env(nodes, job, state, bin_dir, {**env(), **LOOPBACK_ENV})
+    proc = subprocess.Popen(argv, cwd=repo, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    proc.state = state
+    return proc
+
+
+def _finish(proc: subprocess.Popen, timeout: float, rc: int | None = 0) -> str:
+    import loopback_slurm
+
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        loopback_slurm.kill_tree(proc.pid)
+        raise AssertionError(f"timed out after {timeout} s:\n{proc.communicate()[0][-4000:]}") from None
+    finally:
+        if proc.poll() is None:
+            loopback_slurm.kill_tree(proc.pid)
+            proc.wait()
+    if rc is not None:
+        assert proc.returncode == rc, out[-4000:]
+    return out
+
+
+def _keep(repo: Path, tmp: Path, key: str, name: str) -> Path:
+    """Move the finished train output aside (layouts of equal data parallelism share one key) and drop its
+    checkpoints; returns the kept drafter.pt."""
+    kept = tmp / "drafters" / name
+    kept.parent.mkdir(exist_ok=True)
+    shutil.move(repo / "results" / "train" / key, kept)
+    shutil.rmtree(repo / "results" / "checkpoints" / f"train-{key}")
+    return kept / "drafter.pt"
+
+
+def _max_diff(a: Path, b: Path) -> float:
+    import torch
+
+    sa, sb = torch.load(a), torch.load(b)
+    assert sa.keys() == sb.keys()
+    return max(float((sa[k].double() - sb[k].double()).abs().max()) for k in sa)
+
+
+# 2 nodes x 1 process and 1 node x 2 processes run the same arithmetic (gloo sums two values, which is
+# order-free): bit for bit. One process accumulates the four micro-batch gradients itself, where two ranks each
+# accumulate two and then average them in FSDP2's reduce-scatter: the same sum in another order, which differs in
+# the last fp32 bit, and 12 AdamW steps carry that into the weights. Measured max |difference| 1.2e-7 (one ulp of
+# the norm weights, ~1.0; 4.4e-8 on the linear weights, ~0.08).
+ONE_PROC_ATOL = 1e-6
+
+
+def test_two_nodes_torchrun_equals_one_node_and_resumes_after_a_node_is_killed(loopback):
+    """The launcher's 2-node command (srun, one torchrun per node, c10d rendezvous on the first node) run as two
+    nodes of a Slurm job on loopback: node1 is killed (its whole process tree) after the step-2 checkpoint, the job
+    fails, a rerun resumes, and the drafter equals that of 1 node x 2 processes bit for bit (and of 1 process within
+    fp32 reordering)."""
+    import loopback_slurm
+
+    repo, tmp, keys, refs = loopback
+    key = keys["lb_two_nodes"]
+    work = repo / "results" / "checkpoints" / f"train-{key}"
+    proc = _job(repo, tmp, "lb_two_nodes", key, ["node0", "node1"], JOB + "2")
+    deadline = time.time() + 180
+    while not (work / "step-00000002" / "meta.json").is_file():
+        assert proc.poll() is None and time.time() < deadline, _finish(proc, 10, rc=None)[-4000:]
+        time.sleep(0.1)
+    step = (proc.state / "step-0").read_text()                # the launcher's srun step, as generated
+    assert step.startswith("torchrun --nnodes=2 --nproc-per-node=1 --rdzv-backend=c10d --rdzv-endpoint=node0:")
+    assert f"--rdzv-id={JOB}2 --no-python" in step and step.endswith(f"stage train {key}")
+    loopback_slurm.kill_tree(proc.pid, signal.SIGSTOP)       # the job frozen first: it cannot finish before the kill
+    for pid in (proc.state / "node1.pids").read_text().split():
+        loopback_slurm.kill_tree(int(pid))
+    loopback_slurm.kill_tree(proc.pid, signal.SIGCONT)
+    out = _finish(proc, 120, rc=None)
+    assert proc.returncode != 0, out[-4000:]
+    assert not (repo / "results" / "train" / key / "provenance.json").exists()
+    rerun = _finish(_job(repo, tmp, "lb_two_nodes", key, ["node0", "node1"], JOB + "3"), 300)
+    assert "train: resumed from step" in rerun
+    summary = json.loads((repo / "results" / "train" / key / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 12 and 2 <= summary["resumed_from"] < 12
+    steps = [json.loads(line)["step"] for line in open(repo / "results" / "train" / key / "metrics.jsonl")]
+    assert steps == list(range(1, 13))
+    got = _keep(repo, tmp, key, "two_nodes")
+    assert _max_diff(got, refs["lb_one_node"]) == 0.0
+    assert _max_diff(got, refs["lb_one_proc"]) <= ONE_PROC_ATOL
+
+
+def test_two_nodes_ray_workers_on_both_nodes_equal_one_node(loopback):
+    """The launcher's 2-node Ray script: the head on node0, `ray start --address` on node1 through srun, both on
+    loopback in the job's network namespace; Ray Train places one worker on each node, and the drafter equals that of
+    1 node x 2 torchrun processes bit for bit."""
+    pytest.importorskip("ray.train", reason="Ray Train is the `ray` extra")
+    repo, tmp, keys, refs = loopback
+    key = keys["lb_two_nodes_ray"]
+    proc = _job(repo, tmp, "lb_two_nodes_ray", key, ["node0", "node1"], JOB + "4")
+    out = _finish(proc, 400)
+    step = (proc.state / "step-0").read_text()
+    assert step.startswith("ray start --address=127.0.0.1:") and "--block" in step
+    prov = json.loads((repo / "results" / "train" / key / "provenance.json").read_text())["summary"]
+    assert prov["launcher"] == "ray" and prov["ray_workers"] == 2 and prov["ray_nodes"] == 2, out[-3000:]
+    assert sorted(p["hostname"] for p in prov["ray_placement"]) == ["node0", "node1"]
+    got = _keep(repo, tmp, key, "two_nodes_ray")
+    assert _max_diff(got, refs["lb_one_node"]) == 0.0
+    assert _max_diff(got, refs["lb_one_proc"]) <= ONE_PROC_ATOL
+    left = subprocess.run(["pgrep", "-f", commands.ray_temp_dir(JOB + "4")], capture_output=True, text=True).stdout
+    assert not left.split(), left

@@ -134,3 +134,15 @@ def test_reference_mapping_narrows_a_source(tmp_path):
     assert report.default_target(ph) == "Qwen3-8B"
     data = report.collect_external(ph)
     assert list(data["h"]["bench"]) == ["gsm8k"]                           # only the phase's datasets
+
+
+def test_a_mean_needs_two_datasets():
+    """A family with one dataset shown gets no `<family> avg` (it would repeat that row); nor does a lone dataset
+    get an `overall`."""
+    from dflash.results.report import aggregate_names, averages
+
+    assert averages({"synthetic_math": 2.0, "synthetic_code": 3.0, "synthetic_chat": None}) == {"overall": 2.5}
+    assert averages({"gsm8k": 2.0, "math500": 3.0, "mbpp": 4.0}) == {"math avg": 2.5, "overall": 3.0}
+    assert averages({"gsm8k": 2.0}) == {}
+    assert aggregate_names(["gsm8k", "math500", "mbpp"]) == ["math avg", "overall"]
+    assert aggregate_names(["synthetic_math", "synthetic_code", "synthetic_chat"]) == ["overall"]

@@ -25,6 +25,11 @@ def test_smoke_outputs_and_signal(smoke_repo):
     mean = sum(per[d] for d in ("synthetic_math", "synthetic_code", "synthetic_chat")) / 3
     assert abs(per["overall"] - mean) < 1e-3
     assert per["overall"] >= 2.0                                   # the drafter learned the target
+    # one dataset per family: no family mean that repeats it; no references: said once, no empty tables
+    assert not [d for d in per if d.endswith(" avg")]
+    md = (rep / "report.md").read_text()
+    assert md.count("No references") == 1 and "this phase names none" in md
+    assert "## Deltas" not in md and "against references" not in md and " avg |" not in md
     speed = list(csv.DictReader(open(rep / "tables" / "speedup.csv")))
     assert all(r["lossless"] == "True" for r in speed)
     assert (smoke_repo / "results" / "phases" / "smoke" / "main" / "train").resolve().is_dir()

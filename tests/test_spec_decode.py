@@ -68,3 +68,17 @@ def test_sampling_is_target_distribution_seeded():
     a = dflash_generate(target, drafter, PROMPT, 20, set(), temperature=1.0, block_size=4, generator=g1)
     b = dflash_generate(target, drafter, PROMPT, 20, set(), temperature=1.0, block_size=4, generator=g2)
     assert a.tokens == b.tokens and len(a.tokens) == 20
+
+
+def test_kv_cache_passed_by_the_installed_transformers_name():
+    """Both loops hand the KV cache under the forward keyword the installed transformers uses, so no bench log
+    repeats "FutureWarning: `past_key_values` is deprecated ... Use `cache` instead" (newer 5.x renamed it)."""
+    import warnings
+
+    target = tiny_target()
+    drafter = _drafter(target)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        target_generate(target, PROMPT, 8, eos=set())
+        dflash_generate(target, drafter, PROMPT, 8, eos=set())
+    assert not [w for w in seen if "past_key_values" in str(w.message)], [str(w.message) for w in seen][:3]

@@ -56,6 +56,17 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_status(args) -> int:
+    from dflash.results import status
+
+    table = status.rows(_registry(args, [args.phase]), args.phase)
+    if args.json:
+        print(json.dumps([{**r, "dir": str(r["dir"]), "log": str(r["log"])} for r in table], indent=1))
+    else:
+        print(status.text(args.phase, table))
+    return 0
+
+
 def _job_registry(stage: str, key: str):
     """The registry that plans this stage instance (phases or rehearsals). A broken phase file elsewhere is not
     the job's failure, nor its log's business (Snakemake warned once); it is named only where the lookup fails."""
@@ -230,6 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("phase")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_plan)
+    s = sub.add_parser("status", help="every stage instance of a phase: done, running (pid, elapsed time, its "
+                       "log's last progress line) or waiting")
+    s.add_argument("phase")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_status)
     s = sub.add_parser("stage", help="run one stage instance (called by the Snakemake rules)")
     s.add_argument("stage")
     s.add_argument("key")

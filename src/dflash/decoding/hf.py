@@ -13,10 +13,24 @@ call, which also reads the whole prompt context). z-lab restarts the clock after
 
 from __future__ import annotations
 
+import functools
+import inspect
 import time
 from dataclasses import dataclass, field
 
 import torch
+
+
+@functools.cache
+def _cache_name(model_type: type) -> str:
+    params = inspect.signature(model_type.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def with_cache(model, cache) -> dict:
+    """The KV cache as the forward keyword of the installed transformers: `cache` in newer 5.x releases (where
+    `past_key_values` still works but logs that it is deprecated), `past_key_values` in earlier ones."""
+    return {_cache_name(type(model)): cache}
 
 
 def crop_cache(cache, length: int) -> None:
@@ -81,7 +95,7 @@ def target_generate(target, prompt_ids: list[int], max_new_tokens: int, eos: set
     cache = DynamicCache()
     sync(dev)
     t0 = time.perf_counter()
-    out = target(input_ids=torch.tensor([prompt_ids], device=dev), past_key_values=cache, use_cache=True,
+    out = target(input_ids=torch.tensor([prompt_ids], device=dev), **with_cache(target, cache), use_cache=True,
                  logits_to_keep=1)
     tok = pick(out.logits[0, -1], temperature, generator)
     tokens = [int(tok)]
@@ -89,7 +103,7 @@ def target_generate(target, prompt_ids: list[int], max_new_tokens: int, eos: set
     t1 = time.perf_counter()
     steps, eos_seen = 0, tokens[0] in eos
     while more_steps(len(tokens), max_new_tokens, steps, eos_seen):
-        out = target(input_ids=tok.view(1, 1), past_key_values=cache, use_cache=True)
+        out = target(input_ids=tok.view(1, 1), **with_cache(target, cache), use_cache=True)
         tok = pick(out.logits[0, -1], temperature, generator)
         tokens.append(int(tok))
         steps, eos_seen = steps + 1, eos_seen or tokens[-1] in eos
@@ -130,7 +144,7 @@ def dflash_generate(target, drafter, prompt_ids: list[int], max_new_tokens: int,
     cache = DynamicCache()
     sync(dev)
     t0 = time.perf_counter()
-    out = target(input_ids=torch.tensor([prompt_ids], device=dev), past_key_values=cache, use_cache=True,
+    out = target(input_ids=torch.tensor([prompt_ids], device=dev), **with_cache(target, cache), use_cache=True,
                  output_hidden_states=True, logits_to_keep=1)
     tokens = [int(pick(out.logits[0, -1], temperature, generator))]
     pending = torch.cat([out.hidden_states[i + 1] for i in layer_ids], dim=-1)   # context not yet in draft cache
@@ -144,7 +158,7 @@ def dflash_generate(target, drafter, prompt_ids: list[int], max_new_tokens: int,
             sync(dev)
             first_pass = time.perf_counter() - t1
         verify = torch.cat([torch.tensor([[tokens[-1]]], device=dev), draft], dim=1)
-        out = target(input_ids=verify, past_key_values=cache, use_cache=True, output_hidden_states=True)
+        out = target(input_ids=verify, **with_cache(target, cache), use_cache=True, output_hidden_states=True)
         post = pick(out.logits[0], temperature, generator)                       # (bs,)
         a = int(torch.cumprod((draft[0] == post[:-1]).int(), 0).sum())
         new = draft[0, :a].tolist() + [int(post[a])]

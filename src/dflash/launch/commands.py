@@ -37,6 +37,7 @@ RAY_PORT_NAMES = ("port", "ray-client-server-port", "dashboard-port", "node-mana
                   "runtime-env-agent-port")
 RAY_HEAD_ONLY = ("port", "ray-client-server-port", "dashboard-port")
 RAY_WORKER_PORTS = 64          # per-job range of ports for Ray worker processes
+RAY_PORT_BLOCK = len(RAY_PORT_NAMES) + RAY_WORKER_PORTS    # one node's ports: the named ones, then the worker range
 RAY_START_TIMEOUT = 120        # seconds to wait for the head to answer
 
 
@@ -125,21 +126,25 @@ def ray_script(stage: str, key: str, gpus: int, cpus: int, nodes: int = 1, head_
     """A bash script: Ray head here, one Ray worker per other node (srun), the stage once, cluster stopped on exit.
 
     Ports base_port .. base_port+len(RAY_PORT_NAMES)-1 and the worker range after them belong to this job only;
-    so do temp_dir and the auth token. `client`: ray[client] is installed, so the head's client server needs its
-    own port. The cluster is stopped by killing the blocking `ray start` processes this script started (never
-    `ray stop`, which stops every Ray instance on the node). `workers`: Ray Train workers (DFLASH_RAY_WORKERS;
-    default one per GPU, or one per node without GPUs)."""
+    so do temp_dir and the auth token. The other nodes take the next RAY_PORT_BLOCK ports, so that nodes sharing
+    one host (a head and a worker on loopback) never collide. `client`: ray[client] is installed, so the head's
+    client server needs its own port. The cluster is stopped by killing the blocking `ray start` processes this
+    script started (never `ray stop`, which stops every Ray instance on the node). `workers`: Ray Train workers
+    (DFLASH_RAY_WORKERS; default one per GPU, or one per node without GPUs)."""
     workers = workers or max(gpus, 1) * nodes
     ports = {name: base_port + i for i, name in enumerate(RAY_PORT_NAMES)}
-    lo = base_port + len(RAY_PORT_NAMES)
-    per_node = [f"--num-cpus={cpus}", f"--num-gpus={gpus}", f"--temp-dir={temp_dir}",
-                *(f"--{name}={ports[name]}" for name in RAY_PORT_NAMES if name not in RAY_HEAD_ONLY),
+
+    def per_node(base: int) -> list[str]:
+        lo = base + len(RAY_PORT_NAMES)
+        return [f"--num-cpus={cpus}", f"--num-gpus={gpus}", f"--temp-dir={temp_dir}",
+                *(f"--{name}={base + i}" for i, name in enumerate(RAY_PORT_NAMES) if name not in RAY_HEAD_ONLY),
                 f"--min-worker-port={lo}", f"--max-worker-port={lo + RAY_WORKER_PORTS - 1}",
                 "--disable-usage-stats", "--block"]
+
     address = f"{head_ip}:{ports['port']}"
     head = ["ray", "start", "--head", f"--node-ip-address={head_ip}", f"--port={ports['port']}",
             *([f"--ray-client-server-port={ports['ray-client-server-port']}"] if client else []),
-            "--include-dashboard=false", f"--dashboard-port={ports['dashboard-port']}", *per_node]
+            "--include-dashboard=false", f"--dashboard-port={ports['dashboard-port']}", *per_node(base_port)]
     q = shlex.join
     lines = [
         "set -uo pipefail",
@@ -170,7 +175,7 @@ def ray_script(stage: str, key: str, gpus: int, cpus: int, nodes: int = 1, head_
                   f"--exclude={head_host or head_ip}", f"--cpus-per-task={cpus}"]
         if gpus:
             worker.append(f"--gpus-per-node={gpus}")
-        worker += ["ray", "start", f"--address={address}", *per_node]
+        worker += ["ray", "start", f"--address={address}", *per_node(base_port + RAY_PORT_BLOCK)]
         lines += [f"{q(worker)} &", "pids+=($!)"]
     env = {"DFLASH_LAUNCHER": "ray", "DFLASH_RAY_ADDRESS": address, "DFLASH_RAY_WORKERS": str(workers)}
     lines.append(" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " " + q(stage_command(stage, key)))
@@ -211,7 +216,7 @@ def launch_command(stage: str, key: str, res: dict | None, env: dict | None = No
                                 gpus=gpus)
     cpus = r["cpus_per_gpu"] * gpus if gpus else r["cpus"]
     temp_dir = ray_temp_dir(job_id(env))
-    base = free_ports(len(RAY_PORT_NAMES) + RAY_WORKER_PORTS, rng=rng)
+    base = free_ports(RAY_PORT_BLOCK * min(nodes, 2), rng=rng)
     if nodes <= 1:
         script = ray_script(stage, key, gpus, cpus, 1, "127.0.0.1", None, base, temp_dir, ray_client_installed(),
                             training_ranks(r))

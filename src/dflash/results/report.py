@@ -53,16 +53,23 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def averages(values: dict[str, float | None]) -> dict[str, float]:
-    """Per-family means and the overall mean of per-dataset values."""
+    """Per-family means and the overall mean of per-dataset values, each over at least two values (a mean of one
+    would only repeat that dataset's value)."""
     out = {}
     for fam in FAMILIES:
         vals = [v for d, v in values.items() if family(d) == fam and v is not None]
-        if vals:
+        if len(vals) > 1:
             out[f"{fam} avg"] = statistics.fmean(vals)
     vals = [v for v in values.values() if v is not None]
-    if vals:
+    if len(vals) > 1:
         out["overall"] = statistics.fmean(vals)
     return out
+
+
+def aggregate_names(datasets: list[str]) -> list[str]:
+    """The aggregates `averages` can give over these datasets, in table order."""
+    fams = [f"{f} avg" for f in FAMILIES if sum(family(d) == f for d in datasets) > 1]
+    return fams + (["overall"] if len(datasets) > 1 else [])
 
 
 # --------------------------------------------------------------------------- data
@@ -241,7 +248,7 @@ def deltas_table(data: dict, comps: dict[str, list[refs.Line]], datasets: list[s
                 groups = [(f"{fam} avg", fam, [d for d in common if family(d) == fam]) for fam in FAMILIES]
                 groups.append(("overall", "overall", common))
                 for name, fam, ds_list in groups:
-                    if ds_list:
+                    if len(ds_list) > 1:                 # a mean of one dataset repeats its row
                         rows.append({**base, "dataset": name, "family": fam, "n_datasets": len(ds_list),
                                      **_delta(statistics.fmean(ours[d] for d in ds_list),
                                               statistics.fmean(theirs[d] for d in ds_list))})
@@ -316,8 +323,8 @@ def figures(ph: Phase, data: dict, out: Path) -> None:
         steps = [m["step"] for m in r["metrics"]]
         ax1.plot(steps, [m["loss"] for m in r["metrics"]], label=run)
         ax2.plot(steps, [m["acc"] for m in r["metrics"]], label=run)
-    ax1.set(xlabel="step", ylabel="loss", title="training loss")
-    ax2.set(xlabel="step", ylabel="accuracy", title="block accuracy")
+    ax1.set(xlabel="step", ylabel="loss", title=f"{ph.name}: training loss")
+    ax2.set(xlabel="step", ylabel="accuracy", title=f"{ph.name}: block accuracy")
     if trained:
         ax1.legend(fontsize="small")
     _save(fig, out / "loss.png")
@@ -331,20 +338,21 @@ def figures(ph: Phase, data: dict, out: Path) -> None:
                label=run + (" (published)" if r["kind"] == "external" else ""),
                hatch="//" if r["kind"] == "external" else None)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(datasets))], datasets, rotation=30, ha="right")
-    ax.set(ylabel="tau (incl. bonus)", title="acceptance length per dataset")
-    ax.legend(fontsize="small")
-    _save(fig, out / "tau.png")
+    ax.set(xlabel="benchmark dataset", ylabel="tau (incl. bonus)", title=f"{ph.name}: acceptance length per dataset")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)   # beside the bars
+    _save(fig, out / "tau.png", bbox_inches="tight")
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     for run, r in own.items():
         summaries = list(r["bench"].values())
         hist = [sum(col) for col in zip(*(s["histogram"] for s in summaries), strict=True)]
         total = sum(hist) or 1
-        ax1.plot(range(len(hist)), [h / total for h in hist], marker="o", label=run)
+        ax1.plot(range(1, len(hist)), [h / total for h in hist[1:]], marker="o", label=run)   # >= 1: the bonus
         pos = [statistics.fmean(col) for col in zip(*(s["acceptance_per_position"] for s in summaries), strict=True)]
         ax2.plot(range(1, len(pos) + 1), pos, marker="o", label=run)
-    ax1.set(xlabel="accepted length per step", ylabel="share of steps", title="tau histogram (all datasets)")
-    ax2.set(xlabel="draft position k", ylabel="acceptance rate", title="per-position acceptance")
+    ax1.set(xlabel="accepted length per step", ylabel="share of steps",
+            title=f"{ph.name}: accepted length per step, all datasets")
+    ax2.set(xlabel="draft position k", ylabel="acceptance rate", title=f"{ph.name}: acceptance per draft position")
     if own:
         ax1.legend(fontsize="small")
     _save(fig, out / "acceptance.png")
@@ -359,7 +367,7 @@ def reference_figure(ph: Phase, data: dict, path: Path) -> None:
     datasets = [d["name"] for d in ph.datasets]
     lines = {ln.id: ln for run_lines in comparisons(ph, data).values() for ln in run_lines
              if ln.values("tau") and ln.role != "published run"}
-    fig, ax = plt.subplots(figsize=(max(7.0, 0.9 * len(datasets) + 2), 5.2 + 0.16 * (len(lines) + len(data))))
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.9 * len(datasets) + 2), 4.2))
     width = 0.8 / max(1, len(data))
     for i, (run, r) in enumerate(data.items()):
         xs = [j - 0.4 + (i + 0.5) * width for j in range(len(datasets))]
@@ -375,11 +383,11 @@ def reference_figure(ph: Phase, data: dict, path: Path) -> None:
         ax.scatter(xs, [vals[datasets[j]] for j in xs], marker=markers[k % len(markers)], s=46, zorder=3,
                    color=colour, label=label)
     ax.set_xticks(range(len(datasets)), datasets, rotation=30, ha="right")
-    ax.set(ylabel="tau (incl. bonus)", title=f"{ph.name}: tau per dataset against published references")
-    if not lines:
-        ax.text(0.5, 0.95, "no published reference for this phase's target", transform=ax.transAxes, ha="center",
-                va="top", fontsize="small")
-    ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2 if len(data) > 6 else 1)
+    title = f"{ph.name}: tau per dataset against published references"
+    if not lines:                                        # said in the title, never drawn over the bars
+        title += "\n(no published reference for this phase's target and datasets)"
+    ax.set(xlabel="benchmark dataset", ylabel="tau (incl. bonus)", title=title)
+    ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     _save(fig, path, bbox_inches="tight")
 
 
@@ -415,7 +423,7 @@ def _wide_tau(ph: Phase, data: dict, comps: dict[str, list[refs.Line]]) -> list[
 def markdown(ph: Phase, data: dict, t: dict[str, list[dict]]) -> str:
     comps = comparisons(ph, data)
     datasets = [d["name"] for d in ph.datasets]
-    aggs = [f"{f} avg" for f in FAMILIES if any(family(d) == f for d in datasets)] + ["overall"]
+    aggs = aggregate_names(datasets)
     lines = {ln.id: ln for v in comps.values() for ln in v}
     ref_rows = [{"reference": ln.label, "role": ln.role, "source": ln.source,
                  "detail": refs.SOURCES[ln.source]["detail"]} for ln in lines.values()]
@@ -435,9 +443,11 @@ def markdown(ph: Phase, data: dict, t: dict[str, list[dict]]) -> str:
         "stage directories listed in `provenance.json`, or read per dataset from the project's references table "
         "(`src/dflash/data/references.csv`, source id in every row); aggregates are means of the per-dataset values "
         "shown.",
-        "## Acceptance length (tau, includes the bonus token) against references",
+        "## Acceptance length (tau, includes the bonus token)" + (" against references" if lines else ""),
         _md_table(_wide_tau(ph, data, comps), ["", "source", *datasets, *aggs, "datasets"]),
     ]
+    if not lines:
+        parts.append(no_references(ph))
     published = {run: r["config"]["drafter"]["pretrained"] for run, r in data.items()
                  if r["kind"] == "run" and r["train_key"] is None}
     if published:
@@ -453,12 +463,15 @@ def markdown(ph: Phase, data: dict, t: dict[str, list[dict]]) -> str:
                   "EAGLE-3 row is a baseline. The paper's Table 10 is an ablation (a drafter trained WITHOUT target "
                   "features), not a drafter anchor, although the seed PR compared itself with it as \"the z-lab "
                   "reference\"."]
+    if lines:
+        parts += [
+            "## Deltas to references (tau, per family and overall over the datasets both report)",
+            _md_table(delta_rows, ["run", "dataset", "n_datasets", "value", "reference", "delta", "ratio", "label",
+                                   "role", "source"])
+            if delta_rows else "No family or overall mean of tau is shared with a reference (two datasets or more).",
+            "Per dataset and for the speedups: `tables/deltas.csv`.",
+        ]
     parts += [
-        "## Deltas to references (tau, per family and overall over the datasets both report)",
-        _md_table(delta_rows, ["run", "dataset", "n_datasets", "value", "reference", "delta", "ratio", "label",
-                               "role", "source"])
-        if delta_rows else "No reference covers this phase's target and datasets.",
-        "Per dataset and for the speedups: `tables/deltas.csv`.",
         "## Acceptance length per run and dataset",
         _md_table(t["tau"], ["run", "dataset", "tau", "tau_token_weighted", "n_requests", "backend", "hardware",
                              "temperature", "source"]),
@@ -483,6 +496,14 @@ def markdown(ph: Phase, data: dict, t: dict[str, list[dict]]) -> str:
         "\n\n".join(f"![{f.removesuffix('.png')}](figures/{f})" for f in FIGURES),
     ]
     return "\n\n".join(parts) + "\n"
+
+
+def no_references(ph: Phase) -> str:
+    """The one sentence a report without any reference line gives instead of reference tables and deltas."""
+    why = (f"none of this phase's references ({', '.join(f'`{r}`' for r in ph.references)}) covers its target and "
+           "datasets" if ph.references else "this phase names none (`references: []`)")
+    return (f"No references: {why}, so there are no deltas; `tables/references.csv` and `tables/deltas.csv` hold only "
+            "their headers.")
 
 
 # --------------------------------------------------------------------------- build

@@ -104,7 +104,7 @@ STAGES: tuple[Stage, ...] = (
           "`records.jsonl` (raw, per request), `summary.json`", _bench, per_dataset=True),
 )
 # One per phase, over every run's train and bench stages; its directory is results/reports/<phase>/.
-REPORT = Stage("report", 1, ("train", "bench"), "the phase", "`results/reports/<phase>/`",
+REPORT = Stage("report", 2, ("train", "bench"), "the phase", "`results/reports/<phase>/`",
                lambda run, phase, ds=None: {"phase": phase.name, "references": phase.references,
                                             "external": phase.external})
 
