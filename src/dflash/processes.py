@@ -14,6 +14,7 @@ from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
 SHELLS = frozenset({"sh", "bash", "dash", "zsh"})
+WATCHED_ENV = "DFLASH_WATCHED"          # the pid whose starter a watcher process already watches (kept across exec)
 
 
 def _proc_state(pid: int) -> str | None:
@@ -109,7 +110,7 @@ def end_with_starter(sig: int = signal.SIGTERM) -> None:
     if os.getppid() != parent:             # the parent ended before the signal was asked for
         os.kill(os.getpid(), sig)
     starter = job_starter()
-    if starter == parent:
+    if starter == parent or os.environ.get(WATCHED_ENV) == str(os.getpid()):   # none needed, or one from before exec
         return
     try:
         pidfd = os.pidfd_open(starter)
@@ -118,6 +119,7 @@ def end_with_starter(sig: int = signal.SIGTERM) -> None:
     job = os.getpid()
     if os.fork():
         os.close(pidfd)
+        os.environ[WATCHED_ENV] = str(job)
         return
     try:                                   # the watcher: nothing of the job's (its lock files) kept open
         parent_death_signal(signal.SIGKILL)
