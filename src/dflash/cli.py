@@ -33,8 +33,8 @@ def cmd_plan(args) -> int:
             inst = reg.get(stage, key)
             row = {"run": run, "stage": stage, "key": key, "dir": str(inst.dir),
                    "exists": (inst.dir / "provenance.json").is_file()}
-            if stage == "bench":
-                row["dataset"] = name.removeprefix("bench/")
+            if stage in ("bench", "baseline"):
+                row["dataset"] = name.removeprefix(f"{stage}/")
             rows.append(row)
     rep = reg.reports[args.phase]
     rows.append({"run": "*", "stage": "report", "key": rep.key, "dir": str(rep.dir),
@@ -69,9 +69,14 @@ def _claim_gpus(reg, stage: str, key: str, phase: str | None = None) -> None:
 def cmd_stage(args) -> int:
     from dflash.stages import runner
 
-    reg = _job_registry(args.stage, args.key)
-    _claim_gpus(reg, args.stage, args.key)
-    print(runner.run(reg, args.stage, args.key))
+    key, *more = args.key
+    reg = _job_registry(args.stage, key)
+    _claim_gpus(reg, args.stage, key)
+    if not more and args.engine is None:
+        print(runner.run(reg, args.stage, key))
+        return 0
+    for d in runner.run_many(reg, args.stage, args.key, args.engine):
+        print(d)
     return 0
 
 
@@ -198,9 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("phase")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_plan)
-    s = sub.add_parser("stage", help="run one stage instance (called by the Snakemake rules)")
+    s = sub.add_parser("stage", help="run stage instances (called by the Snakemake rules); several keys of one "
+                       "per-dataset stage share one engine (one loaded model or server)")
     s.add_argument("stage")
-    s.add_argument("key")
+    s.add_argument("key", nargs="+")
+    s.add_argument("--engine", default=None, help="the engine key of the keys (names the job's engine logs)")
     s.set_defaults(fn=cmd_stage)
     s = sub.add_parser("stages", help="the stage table (what each stage reads, its upstream and output)")
     s.set_defaults(fn=cmd_stages)

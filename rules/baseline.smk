@@ -1,0 +1,21 @@
+for _engine, _keys, _inputs, _threads, _resources in engine_jobs("baseline"):
+
+    rule:
+        """The target-only decode of every dataset of one engine (target, decoding settings), one engine start."""
+        name:
+            f"baseline_{_engine}"
+        input:
+            _inputs,
+        output:
+            [update(done("baseline", k)) for k in _keys],  # kept: a rerun resumes
+        params:
+            spec=canonical_json([REG.get("baseline", k).config for k in _keys]),
+        conda:
+            "../workflow/envs/dflash.yaml"
+        log:
+            f"results/logs/baseline/{_engine}.log",
+        threads: _threads
+        resources:
+            **_resources,
+        shell:
+            f"OMP_NUM_THREADS={{threads}} dflash stage baseline {' '.join(_keys)} --engine {_engine} > {{log}} 2>&1"
