@@ -120,7 +120,8 @@ STAGES: tuple[Stage, ...] = (
           "`records.jsonl` (raw, per request), `summary.json`", _bench, per_dataset=True, engine=True),
 )
 # One per phase, over every run's train and bench stages; its directory is results/reports/<phase>/.
-REPORT = Stage("report", 1, ("train", "bench"), "the phase", "`results/reports/<phase>/`",
+# report 2: the tau table's two one-definition columns, the speedup table's baseline and its hardware
+REPORT = Stage("report", 2, ("train", "bench"), "the phase", "`results/reports/<phase>/`",
                lambda run, phase, ds=None: {"phase": phase.name, "references": phase.references,
                                             "external": phase.external})
 
