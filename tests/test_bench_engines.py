@@ -28,7 +28,7 @@ from dflash.plan.config import load_phase
 from dflash.plan.keys import build
 from dflash.plan.paths import Results
 from dflash.results import audit, report
-from dflash.stages import bench, runner
+from dflash.stages import DRAFT_ONLY, baseline, bench, runner
 from test_model import _drafter, tiny_target
 
 PROMPT = [5, 17, 3, 42, 8, 9, 11]
@@ -125,9 +125,20 @@ def _mt_bench_file(directory: Path) -> Path:
     return path
 
 
+def run_baseline(tmp: Path, config: dict, target: Path) -> Path:
+    """The baseline stage of a bench config (the target alone on its dataset), into tmp/baseline."""
+    out = tmp / "baseline"
+    out.mkdir(parents=True)
+    cfg = {"bench": {k: v for k, v in config["bench"].items() if k not in DRAFT_ONLY}, "dataset": config["dataset"]}
+    baseline.run(runner.Context(cfg, out, {"target": target}, tmp, log=lambda *_: None))
+    return out
+
+
 def _run_bench(tmp: Path, config: dict, upstream: dict, run: dict | None = None) -> tuple[list[dict], dict, dict]:
     out = tmp / "out"
     out.mkdir(parents=True)
+    if config["bench"]["baseline"]:
+        upstream = {**upstream, "baseline": run_baseline(tmp, config, upstream["target"])}
     result = bench.run(runner.Context(config, out, upstream, tmp, log=lambda *_: None, run=run or {}))
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     return records, json.loads((out / "summary.json").read_text()), result

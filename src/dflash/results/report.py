@@ -173,7 +173,8 @@ def tau_table(data: dict) -> list[dict]:
                 rows.append({"run": run, "dataset": ds, "family": family(ds), "tau": _r(s["tau_macro"]),
                              "tau_token_weighted": _r(s["tau_token"]), "tau_no_bonus": _r(s["tau_no_bonus"]),
                              "tau_tokens_per_step": _r(s.get("tau_tokens_per_step")),
-                             "tau_new_per_step": _r(s.get("tau_new_per_step")), "n_requests": s["n_requests"], "backend": s["backend"], "hardware": s["hardware"],
+                             "tau_new_per_step": _r(s.get("tau_new_per_step")),
+                             "n_requests": s["n_requests"], "backend": s["backend"], "hardware": s["hardware"],
                              "temperature": s["temperature"], "source": f"bench/{r['bench_keys'][ds]}"})
             else:
                 rows.append({"run": run, "dataset": ds, "family": family(ds), "tau": _r(s["tau_macro"]),

@@ -23,6 +23,9 @@ from dflash.stages import bench
 
 
 def run(ctx) -> dict:
+    if ctx.shared is None:
+        with bench.own_engines(ctx) as own:
+            return run(own)
     bc, ds = ctx.config["bench"], ctx.config["dataset"]
     if bc["engine"] == "sglang":
         sg.require_sglang()

@@ -73,7 +73,23 @@ def drafter_location(ctx) -> tuple[Path, dict[str, str], dict]:
     return directory, inputs, info
 
 
+@contextlib.contextmanager
+def own_engines(ctx):
+    """A context that shares nothing (one instance outside a job, as in a test or a script): engines of its own,
+    closed when it is done."""
+    from dflash.stages.runner import Shared
+
+    shared = Shared(Path(ctx.work) / "engines")
+    try:
+        yield replace(ctx, shared=shared)
+    finally:
+        shared.close()
+
+
 def run(ctx) -> dict:
+    if ctx.shared is None:
+        with own_engines(ctx) as own:
+            return run(own)
     bc, ds = ctx.config["bench"], ctx.config["dataset"]
     if bc["engine"] == "sglang":
         sg.require_sglang()

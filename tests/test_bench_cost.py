@@ -1,0 +1,157 @@
+"""The bench stage at the cost of the work: one baseline per target, dataset and decoding settings, shared by runs;
+one engine (model or SGLang server) per job, for all the datasets of a run. On CPU, with the fake SGLang server of
+test_sglang_engine and drafters given as published directories (no training)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, copy_repo, snakemake
+from dflash.decoding import sglang as sglang_engine
+from dflash.plan.config import load_phase
+from dflash.plan.keys import build
+from dflash.plan.paths import Results
+from dflash.results import audit
+from dflash.stages import runner
+from test_sglang_engine import build_tiny_target, fake_server_command, write_fake_server
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_cost  # noqa: E402
+
+SETS = [{"name": "synthetic_math", "n": 2}, {"name": "synthetic_code", "n": 2}, {"name": "synthetic_chat", "n": 2}]
+
+
+def _sglang_phase(tmp: Path) -> tuple[Path, Path]:
+    """A phase of 3 runs (three published drafter directories) x 3 sets on the SGLang engine."""
+    model = build_tiny_target(tmp / "tgt") / "model"
+    runs = {}
+    for i in range(3):
+        d = tmp / f"drafter{i}"
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"block_size": 4 + i, "dflash_config": {"target_layer_ids": [0]}}))
+        (d / "model.safetensors").write_bytes(bytes([i]) * 16)
+        runs[f"r{i}"] = {"drafter": {"pretrained": str(d)}}
+    phases = tmp / "phases"
+    phases.mkdir()
+    (phases / "three.yaml").write_text(json.dumps({
+        "description": "3 runs x 3 sets through SGLang",
+        "defaults": {"target": {"kind": "path", "path": str(model)},
+                     "bench": {"engine": "sglang", "dtype": "bfloat16", "device": "cuda", "max_new_tokens": 16},
+                     "resources": {"bench": {"gpus": 1, "cpus_per_gpu": 1}}},
+        "runs": runs, "datasets": SETS}))
+    return phases, model
+
+
+def test_three_runs_by_three_sets_start_three_dflash_servers_and_one_target_only(tmp_path, monkeypatch):
+    """Bench 1 started 2 servers per (run, set): 18 here. Now: one DFLASH server per run, one target-only server
+    for the baseline group the runs share; every dataset keeps its own directory, records and timings; the report
+    and the audit read the shared baselines."""
+    phases, _ = _sglang_phase(tmp_path)
+    fake = write_fake_server(tmp_path)
+    started = []
+
+    def command(spec):
+        started.append("dflash" if spec.draft_model_path else "target-only")
+        return fake_server_command(fake)(spec)
+
+    monkeypatch.setattr(sglang_engine, "require_sglang", lambda need_gpu=True: None)
+    monkeypatch.setattr(sglang_engine, "server_command", command)
+    results = Results(tmp_path / "results")
+    reg = build({"three": load_phase("three", phases)}, results)
+    plans = reg.plans["three"]
+    assert len({k for p in plans.values() for k in p.baseline.values()}) == 3          # shared by the 3 runs
+    assert len({k for p in plans.values() for k in p.bench.values()}) == 9
+    assert [len(g) for g in reg.engine_groups("baseline").values()] == [3]
+    assert sorted(len(g) for g in reg.engine_groups("bench").values()) == [3, 3, 3]
+    runner.run(reg, "target", plans["r0"].keys["target"])
+    for stage in ("baseline", "bench"):
+        for engine, keys in reg.engine_groups(stage).items():
+            runner.run_many(reg, stage, keys, engine)
+    assert sorted(started) == ["dflash"] * 3 + ["target-only"]
+
+    for run, plan in plans.items():
+        firsts = []
+        for ds, key in plan.bench.items():
+            prov = json.loads((results.stage_dir("bench", key) / "provenance.json").read_text())
+            s = prov["summary"]
+            assert prov["upstream"]["baseline"] == plan.baseline[ds] == s["baseline"]["key"]
+            assert s["lossless"] is True and s["engine"]["kind"] == "sglang-dflash"
+            assert s["engine"]["startup_s"] > 0 and s["engine"]["log"].endswith("sglang-dflash.log")
+            assert s["tau_tokens_per_step"] > 0 and s["tau_new_per_step"] < s["tau_tokens_per_step"]
+            firsts.append(s["engine"]["started_here"])
+            records = [json.loads(x) for x in (results.stage_dir("bench", key) / "records.jsonl").open()]
+            assert all(r["verify_steps"] >= 1 and r["baseline"]["same_prompt"] for r in records)
+            assert "$ " in (results.stage_dir("bench", key) / "sglang-dflash.log").read_text()
+        assert firsts == [True, False, False], run                  # the first dataset of the job started it
+    cost = bench_cost.phase_cost("three", results, phases)
+    assert cost["engine_starts"] == 4 and cost["bench1_layout_starts"] == 18
+    assert cost["stages"]["baseline"] == {**cost["stages"]["baseline"], "instances": 3, "engine_starts": 1}
+    assert cost["stages"]["bench"]["engine_starts"] == 3 and cost["stages"]["bench"]["instances"] == 9
+
+    # a rerun after a kill: complete datasets are kept, nothing starts
+    started.clear()
+    for engine, keys in reg.engine_groups("bench").items():
+        runner.run_many(reg, "bench", keys, engine)
+    assert started == []
+    runner.run(reg, "report", reg.report_key("three"))
+    tau = (results.report_dir("three") / "tables" / "tau.csv").read_text().splitlines()
+    assert tau[0].split(",")[6:8] == ["tau_tokens_per_step", "tau_new_per_step"]
+    speed = (results.report_dir("three") / "tables" / "speedup.csv").read_text()
+    assert speed.splitlines()[0].endswith(",baseline_hardware,temperature,source,baseline")
+    result = audit.audit(reg, "three")
+    assert result.ok, result.summary()
+    assert result.dirs == 1 + 1 + 3 + 9                    # report, target, baselines, benches
+
+    # a bench record whose baseline copy differs from the baseline stage is found (with its checksum fixed)
+    key = plans["r1"].bench["synthetic_code"]
+    d = results.stage_dir("bench", key)
+    lines = (d / "records.jsonl").read_text().splitlines()
+    rec = json.loads(lines[0])
+    rec["baseline"]["decode_s"] *= 0.5
+    (d / "records.jsonl").write_text("\n".join([json.dumps(rec), *lines[1:]]) + "\n")
+    prov = json.loads((d / "provenance.json").read_text())
+    from dflash.checksums import sha256_file
+    prov["outputs"]["records.jsonl"] = sha256_file(d / "records.jsonl")
+    (d / "provenance.json").write_text(json.dumps(prov))
+    text = audit.audit(reg, "three").summary()
+    assert "baseline decode_s differ from" in text, text
+
+
+def test_smollm2_shaped_plans_share_ten_baselines_in_one_job_per_engine():
+    """smollm2_fast, 3 runs x 10 sets: 10 baseline instances (not 30), one baseline job and 3 bench jobs (one per
+    run's engine); the published smollm2 tree (bench 1, baseline inside) keeps its keys."""
+    reg = build({"smollm2_fast": load_phase("smollm2_fast", ROOT / "configs" / "phases")})
+    plans = reg.plans["smollm2_fast"]
+    baselines = {k for p in plans.values() for k in p.baseline.values()}
+    benches = {k for p in plans.values() for k in p.bench.values()}
+    assert (len(plans), len(baselines), len(benches)) == (3, 10, 30)
+    assert [len(g) for g in reg.engine_groups("baseline").values()] == [10]
+    assert sorted(len(g) for g in reg.engine_groups("bench").values()) == [10, 10, 10]
+    old = build({"smollm2": load_phase("smollm2", ROOT / "configs" / "phases")}, versions={"bench": 1, "train": 1})
+    assert not any(p.baseline for p in old.plans["smollm2"].values())
+    published = json.loads((ROOT / "docs/results/smollm2/reports/smollm2/provenance.json").read_text())
+    assert {r: p.bench for r, p in old.plans["smollm2"].items()} == \
+        {r: k["bench"] for r, k in published["upstream"]["runs"].items()}
+
+
+@pytest.mark.skipif(os.environ.get("DFLASH_SKIP_SNAKEMAKE") == "1", reason="no snakemake run wanted")
+def test_snakemake_dry_run_of_smollm2_fast_writes_10_baselines_and_30_benches(tmp_path):
+    repo = copy_repo(tmp_path / "repo")
+    out = snakemake(repo, "-n", "smollm2_fast")
+    text = out.stdout + out.stderr
+    counts = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            counts[parts[0]] = int(parts[1])
+    assert sum(v for k, v in counts.items() if k.startswith("baseline_")) == 1, text
+    assert sum(v for k, v in counts.items() if k.startswith("bench_")) == 3, text
+    summary = snakemake(repo, "--summary", "smollm2_fast").stdout
+    outputs = [line.split("\t")[0] for line in summary.splitlines()[1:]]
+    assert sum(o.startswith("results/baseline/") for o in outputs) == 10
+    assert sum(o.startswith("results/bench/") for o in outputs) == 30
