@@ -17,7 +17,7 @@ from dflash.decoding import sglang as sglang_engine
 from dflash.decoding.sglang import ServerError, ServerSpec, SGLangServer
 from dflash.ports import PORT_SPAN, free_ports
 from dflash.processes import pid_alive
-from dflash.stages import bench
+from dflash.stages import DRAFT_ONLY, baseline, bench
 from dflash.stages.runner import Context
 
 # A stand-in for `python -m sglang.launch_server`: the same HTTP surface (/health_generate, /generate streamed or
@@ -321,6 +321,7 @@ def test_metrics_use_server_means_and_keep_hf_behaviour():
 
 
 def test_run_bench_with_fake_servers(fake, tmp_path, monkeypatch):
+    """The baseline stage on a target-only server, then the bench on a DFLASH server, each its own job."""
     target = build_tiny_target(tmp_path / "target")
     draft = tmp_path / "convert"
     draft.mkdir()
@@ -337,26 +338,33 @@ def test_run_bench_with_fake_servers(fake, tmp_path, monkeypatch):
                      "system_prompt": None, "enable_thinking": False, "baseline": True, "device": "auto",
                      "dtype": "bfloat16", "seed": 0, "sglang": {"concurrency": 2}},
            "dataset": {"name": "synthetic_math", "n": 3, "seed": 0}}
-    out = tmp_path / "out"
+    base_out, out = tmp_path / "baseline", tmp_path / "out"
+    base_out.mkdir()
     out.mkdir()
-    result = bench.run(Context(cfg, out, {"target": target, "convert": draft}, tmp_path, log=lambda *_: None))
+    base_cfg = {"bench": {k: v for k, v in cfg["bench"].items() if k not in DRAFT_ONLY}, "dataset": cfg["dataset"]}
+    baseline.run(Context(base_cfg, base_out, {"target": target}, tmp_path, log=lambda *_: None))
+    result = bench.run(Context(cfg, out, {"target": target, "convert": draft, "baseline": base_out}, tmp_path,
+                               log=lambda *_: None))
 
-    assert [s.draft_model_path for s in seen] == [str(draft.resolve()), None]
-    assert seen[0].block_size == 8 and seen[0].dtype == "bfloat16"
+    assert [s.draft_model_path for s in seen] == [None, str(draft.resolve())]
+    assert seen[1].block_size == 8 and seen[1].dtype == "bfloat16"
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     assert len(records) == 3 and {r["prompt_id"] for r in records} == {"math/0", "math/1", "math/2"}
     for r in records:
         assert r["accept_lengths"] == [] and r["spec_accept_length"] >= 1 and r["spec_verify_ct"] >= 1
+        assert r["verify_steps"] == r["spec_verify_ct"]
         assert r["n_tokens"] == r["baseline"]["n_tokens"] and r["lossless"] is True
         assert r["prompt_tokens"] > 0 and r["decode_s"] >= 0 and r["prefill_s"] > 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["backend"] == "sglang" and summary["concurrency"] == 2 and summary["block_size"] == 8
     assert summary["tau_macro"] == pytest.approx(sum(r["spec_accept_length"] for r in records) / 3)
+    assert summary["tau_tokens_per_step"] == pytest.approx(summary["tau_macro"])     # SGLang's own definition
     assert summary["lossless"] is True and summary["speedup_throughput"] > 0
-    assert set(summary["server_commands"]) == {"dflash", "baseline"}
+    assert summary["baseline"]["key"] == base_out.name and summary["engine"]["started_here"] is True
+    assert set(summary["server_commands"]) == {"dflash"}
     assert result["summary"]["backend"] == "sglang" and "prompt_ids" not in result["summary"]
-    for name in ("dflash", "baseline"):
-        log = (out / f"sglang-{name}.log").read_text()
+    for d, name in ((out, "dflash"), (base_out, "baseline")):
+        log = (d / f"sglang-{name}.log").read_text()
         assert "fake sglang starting" in log and log.startswith("$ ")
 
 
