@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_sglang_engine import build_tiny_target, fake_server_command, write_fake_server
 
 from conftest import ROOT, copy_repo, snakemake
 from dflash.decoding import sglang as sglang_engine
@@ -18,7 +19,6 @@ from dflash.plan.keys import build
 from dflash.plan.paths import Results
 from dflash.results import audit
 from dflash.stages import runner
-from test_sglang_engine import build_tiny_target, fake_server_command, write_fake_server
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_cost  # noqa: E402
