@@ -46,6 +46,12 @@ def cmd_plan(args) -> int:
         for r in rows:
             name = r["stage"] + (f"[{r['dataset']}]" if "dataset" in r else "")
             print(f"  {r['run']:<14} {name:<28} {r['key']}  {'done' if r['exists'] else 'todo'}  {r['dir']}")
+        for stage in ("baseline", "bench"):
+            keys = {r["key"] for r in rows if r["stage"] == stage}
+            if keys:
+                jobs = sum(1 for group in reg.engine_groups(stage).values() if keys & set(group))
+                print(f"  {stage}: {len(keys)} instances ({sum(r['stage'] == stage for r in rows)} uses by runs), "
+                      f"{jobs} engine job(s)")
     return 0
 
 
