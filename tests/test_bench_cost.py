@@ -155,3 +155,88 @@ def test_snakemake_dry_run_of_smollm2_fast_writes_10_baselines_and_30_benches(tm
     outputs = [line.split("\t")[0] for line in summary.splitlines()[1:]]
     assert sum(o.startswith("results/baseline/") for o in outputs) == 10
     assert sum(o.startswith("results/bench/") for o in outputs) == 30
+
+
+KILLED_JOB = r'''
+import json, sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[4])
+from dflash.decoding import sglang as sglang_engine
+from dflash.plan.config import load_phase
+from dflash.plan.keys import build
+from dflash.plan.paths import Results
+from dflash.stages import bench, runner
+from test_sglang_engine import fake_server_command
+
+phases, results, fake = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+sglang_engine.require_sglang = lambda need_gpu=True: None
+sglang_engine.server_command = fake_server_command(fake)
+serve = bench.serve_conversations
+
+
+def slow(*args, **kwargs):          # every dataset takes a while, so the kill lands inside the second
+    out = serve(*args, **kwargs)
+    time.sleep(2)
+    return out
+
+
+bench.serve_conversations = slow
+reg = build({"three": load_phase("three", phases)}, Results(results))
+engine, keys = next(iter(reg.engine_groups("bench").items()))
+runner.run_many(reg, "bench", keys, engine)
+'''
+
+
+def test_a_killed_bench_job_leaves_no_server_and_resumes(tmp_path, monkeypatch):
+    """kill -9 of the job process between its datasets: the kernel stops its server (parent-death signal); the
+    rerun keeps the finished dataset and starts one server for the rest."""
+    import re
+    import signal
+    import subprocess
+    import time
+
+    from dflash.processes import pid_alive
+
+    phases, _ = _sglang_phase(tmp_path)
+    fake = write_fake_server(tmp_path)
+    results = Results(tmp_path / "results")
+    reg = build({"three": load_phase("three", phases)}, results)
+    runner.run(reg, "target", reg.plans["three"]["r0"].keys["target"])
+    for engine, keys in reg.engine_groups("baseline").items():
+        monkeypatch.setattr(sglang_engine, "require_sglang", lambda need_gpu=True: None)
+        monkeypatch.setattr(sglang_engine, "server_command", fake_server_command(fake))
+        runner.run_many(reg, "baseline", keys, engine)
+    engine, keys = next(iter(reg.engine_groups("bench").items()))
+    script, err = tmp_path / "job.py", tmp_path / "job.err"
+    script.write_text(KILLED_JOB)
+    with open(err, "w") as f:
+        proc = subprocess.Popen([sys.executable, str(script), str(phases), str(results.root), str(fake),
+                                 str(ROOT / "tests")], stdout=subprocess.DEVNULL, stderr=f)
+    first = results.stage_dir("bench", keys[0]) / "provenance.json"
+    deadline = time.monotonic() + 120
+    while not first.is_file():
+        assert proc.poll() is None, err.read_text()[-2000:]
+        assert time.monotonic() < deadline, "no dataset finished within 120 s"
+        time.sleep(0.05)
+    server = int(re.search(r"sglang: started pid (\d+)", err.read_text()).group(1))
+    assert pid_alive(server)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while pid_alive(server) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pid_alive(server), "the server outlived its killed job"
+    assert not (results.stage_dir("bench", keys[1]) / "provenance.json").is_file()
+    kept = first.read_text()
+    started = []
+
+    def command(spec):
+        started.append(spec)
+        return fake_server_command(fake)(spec)
+
+    monkeypatch.setattr(sglang_engine, "server_command", command)
+    runner.run_many(reg, "bench", keys, engine)
+    assert len(started) == 1 and first.read_text() == kept
+    assert all((results.stage_dir("bench", k) / "provenance.json").is_file() for k in keys)
+    second = json.loads((results.stage_dir("bench", keys[1]) / "summary.json").read_text())
+    assert second["engine"]["started_here"] is True               # the rerun's first dataset started it
