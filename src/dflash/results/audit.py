@@ -39,7 +39,7 @@ KEY = re.compile(r"^[0-9a-f]{12}$")
 SUMMARY_FIELDS = ("n_requests", "n_steps", "tau_macro", "tau_token", "tau_no_bonus", "histogram",
                   "acceptance_per_position", "tokens", "speedup_decode_only", "speedup_e2e", "tpot_dflash_ms",
                   "tpot_baseline_ms", "lossless", "speedup_decode_zlab", "tpot_dflash_zlab_ms",
-                  "tpot_baseline_zlab_ms", "diverged")
+                  "tpot_baseline_zlab_ms", "diverged", "tau_tokens_per_step", "tau_new_per_step")
 ROW_KEYS = {"tau": ("run", "dataset"), "speedup": ("run", "dataset"), "training": ("run",),
             "deltas": ("run", "compared_to", "metric", "dataset"), "references": ("reference", "metric", "dataset")}
 AGG_TOLERANCE = 2e-4        # mean of 4-decimal cells vs the 4-decimal mean
