@@ -331,8 +331,13 @@ def test_pretrained_runs_bench_report_and_audit(smoke_repo, tmp_path, monkeypatc
     plans = reg.plans["mix"]
     for run in ("converted", "hub"):
         assert set(plans[run].keys) == {"target"}
-        for key in plans[run].bench.values():
-            runner.run(reg, "bench", key)
+        assert plans[run].baseline == plans["converted"].baseline != plans["main"].baseline    # shared, own settings
+        for key in plans[run].baseline.values():
+            if not (reg.get("baseline", key).dir / "provenance.json").is_file():
+                runner.run(reg, "baseline", key)
+        for engine, keys in reg.engine_groups("bench").items():
+            if set(keys) <= set(plans[run].bench.values()):
+                runner.run_many(reg, "bench", keys, engine)
     assert plans["main"].bench == build({"smoke": load_phase("smoke", repo / "configs" / "phases")},
                                         Results(repo / "results")).plans["smoke"]["main"].bench
     prov = json.loads((repo / "results" / "bench" / plans["hub"].bench["synthetic_math"] / "provenance.json")

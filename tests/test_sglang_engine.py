@@ -320,6 +320,25 @@ def test_metrics_use_server_means_and_keep_hf_behaviour():
     assert s["histogram"] == [0] * 5 and s["n_requests"] == 3
 
 
+def test_tau_has_one_definition_for_every_engine():
+    """Issue 24's measurement on the smoke model: a 17-token answer in one verify step reads 17.0 from SGLang and
+    16.0 from the HF engine; 33 tokens in two steps 16.5 vs 16.0. From completion tokens and verify steps, both
+    definitions come out alike for both engines."""
+    served = [{"n_tokens": 17, "accept_lengths": [], "spec_accept_length": 17.0, "spec_verify_ct": 1,
+               "verify_steps": 1},
+              {"n_tokens": 33, "accept_lengths": [], "spec_accept_length": 16.5, "spec_verify_ct": 2,
+               "verify_steps": 2}]
+    local = [{"n_tokens": 17, "accept_lengths": [16], "verify_steps": 1},
+             {"n_tokens": 33, "accept_lengths": [16, 16]}]                     # a bench 1 record: no verify_steps
+    assert metrics.summarize(served, 16)["tau_macro"] == pytest.approx(16.75)      # SGLang's own numbers
+    assert metrics.summarize(local, 16)["tau_macro"] == pytest.approx(16.0)        # the HF engine's per step
+    for records in (served, local):
+        assert metrics.tau_definitions(records) == {"tau_tokens_per_step": pytest.approx(16.75),
+                                                    "tau_new_per_step": pytest.approx(16.0)}
+    assert metrics.tau_definitions([{"n_tokens": 3, "accept_lengths": []}]) == {"tau_tokens_per_step": None,
+                                                                               "tau_new_per_step": None}
+
+
 def test_run_bench_with_fake_servers(fake, tmp_path, monkeypatch):
     """The baseline stage on a target-only server, then the bench on a DFLASH server, each its own job."""
     target = build_tiny_target(tmp_path / "target")

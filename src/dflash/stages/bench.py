@@ -103,6 +103,8 @@ def run(ctx) -> dict:
         info["baseline"] = base.info()
         if bc["engine"] == "sglang":
             info.update(_throughput(records, info, base.summary))
+    for r in records:
+        r.pop("prompt_ids", None)
     with open(ctx.out / "records.jsonl", "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
@@ -178,8 +180,6 @@ def attach_baseline(records: list[dict], base: Baseline, temperature: float, top
         rec["baseline"] = {**{k: b[k] for k in BASELINE_FIELDS if k in b}, "same_prompt": same}
         if temperature == 0 and same and "tokens" in rec and "tokens" in b:
             check_lossless(rec, rec.get("prompt_ids", []), rec["tokens"], b["tokens"], top2)
-    for rec in records:
-        rec.pop("prompt_ids", None)
 
 
 # ---------------------------------------------------------------------------------------------- local engines
