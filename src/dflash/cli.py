@@ -27,6 +27,8 @@ def _registry(args, only: list[str] | None = None):
 
 def cmd_plan(args) -> int:
     reg = _registry(args, [args.phase])
+    engines = {(stage, key): engine for stage in ("baseline", "bench")
+               for engine, keys in reg.engine_groups(stage).items() for key in keys}
     rows = []
     for run, plan in reg.plans[args.phase].items():
         for name, (stage, key) in plan.named().items():
@@ -35,6 +37,7 @@ def cmd_plan(args) -> int:
                    "exists": (inst.dir / "provenance.json").is_file()}
             if stage in ("bench", "baseline"):
                 row["dataset"] = name.removeprefix(f"{stage}/")
+                row["engine"] = engines[(stage, key)]         # its job: rule <stage>_<engine>
             rows.append(row)
     rep = reg.reports[args.phase]
     rows.append({"run": "*", "stage": "report", "key": rep.key, "dir": str(rep.dir),
