@@ -151,7 +151,9 @@ smoke_sglang() {     # issue 17: the smoke phase's target and drafter served by 
   (cd "$repo" && snakemake smoke_sglang --cores "$(nproc)" --resources gpu=2 --rerun-triggers input params \
     --keep-going > "$OUT/smoke_sglang.snakemake.log" 2>&1) || tail -40 "$OUT/smoke_sglang.snakemake.log"
   echo "smoke_sglang: $((SECONDS - t0)) s"
+  local here=$PWD
   (cd "$repo" && dflash audit smoke_sglang | tee "$OUT/smoke_sglang.audit.txt"
+   python "$here/benchmarks/bench_cost.py" smoke_sglang | tee "$OUT/smoke_sglang.cost.txt"
    tar -czf "$OUT/smoke_sglang.tgz" results/reports results/baseline results/bench results/logs)
 }
 
