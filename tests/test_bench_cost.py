@@ -240,3 +240,57 @@ def test_a_killed_bench_job_leaves_no_server_and_resumes(tmp_path, monkeypatch):
     assert all((results.stage_dir("bench", k) / "provenance.json").is_file() for k in keys)
     second = json.loads((results.stage_dir("bench", keys[1]) / "summary.json").read_text())
     assert second["engine"]["started_here"] is True               # the rerun's first dataset started it
+
+
+def test_local_engine_loads_once_per_job_and_stays_lossless(tmp_path, monkeypatch):
+    """The HF engine, 1 run x 3 sets at float32: one job loads target and drafter once (the baseline job the target
+    once), every set keeps its directory, records and timings, and DFlash commits the baseline's tokens."""
+    from transformers import Qwen3ForCausalLM
+
+    from dflash.modeling.drafter import DFlashDrafter, DrafterConfig
+    from dflash.stages import bench
+
+    model = build_tiny_target(tmp_path / "tgt") / "model"
+    target = Qwen3ForCausalLM.from_pretrained(model)
+    cfg = DrafterConfig.for_target(target.config, {"num_layers": 1, "num_target_layers": None,
+                                                   "target_layer_ids": None, "block_size": 4,
+                                                   "intermediate_size": None}, mask_token_id=5)
+    drafter = DFlashDrafter(cfg)
+    drafter.init_weights(0)
+    drafter.save(tmp_path / "drafter", "float32")
+    phases = tmp_path / "phases"
+    phases.mkdir()
+    (phases / "local.yaml").write_text(json.dumps({
+        "defaults": {"target": {"kind": "path", "path": str(model)},
+                     "drafter": {"pretrained": str(tmp_path / "drafter")},
+                     "bench": {"engine": "hf", "device": "cpu", "dtype": "float32", "max_new_tokens": 12}},
+        "runs": {"main": {}}, "datasets": SETS}))
+    results = Results(tmp_path / "results")
+    reg = build({"local": load_phase("local", phases)}, results)
+    plan = reg.plans["local"]["main"]
+    runner.run(reg, "target", plan.keys["target"])
+    loads = []
+    real_load = bench.load_target
+
+    def counted(*args, **kwargs):
+        loads.append(args[0])
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "load_target", counted)
+    for stage in ("baseline", "bench"):
+        ((engine, keys),) = reg.engine_groups(stage).items()
+        assert len(keys) == 3
+        runner.run_many(reg, stage, keys, engine)
+    assert len(loads) == 2                                        # one per job: baseline, bench
+    firsts = []
+    for ds, key in plan.bench.items():
+        s = json.loads((results.stage_dir("bench", key) / "summary.json").read_text())
+        assert s["lossless"] is True and s["diverged"] == 0 and s["baseline"]["key"] == plan.baseline[ds]
+        assert s["engine"]["kind"] == "hf" and s["engine"]["load_s"] > 0
+        assert s["tau_new_per_step"] <= s["tau_macro"] + 1e-9
+        firsts.append((s["engine"]["started_here"], s["warmup_s"] > 0))
+        records = [json.loads(x) for x in (results.stage_dir("bench", key) / "records.jsonl").open()]
+        assert all(r["verify_steps"] == len(r["accept_lengths"]) and "prompt_ids" not in r for r in records)
+    assert firsts == [(True, True), (False, False), (False, False)]
+    cost = bench_cost.phase_cost("local", results, phases)
+    assert cost["engine_starts"] == 2 and cost["bench1_layout_starts"] == 3
