@@ -155,7 +155,7 @@ def plan_run(phase: Phase, run_name: str, run: dict, results: Results,
                                      "run does not plan")
             config = st.select(run, phase, ds)
             if phase.rehearsal:
-                config["rehearsal"] = rehearsal.stage_record(phase, run_name, st.name, config, ds)
+                config["rehearsal"] = rehearsal.stage_record(phase, run_name, st.resources or st.name, config, ds)
             key = stage_key(st.name, config, upstream, (versions or {}).get(st.name))
             out.append(StageInstance(st.name, key, config, upstream, res.get(st.resources or st.name, {}),
                                      results.stage_dir(st.name, key),
