@@ -10,6 +10,8 @@ for _engine, _keys, _inputs, _threads, _resources in engine_jobs("baseline"):
             [update(done("baseline", k)) for k in _keys],  # kept: a rerun resumes
         params:
             spec=canonical_json([REG.get("baseline", k).config for k in _keys]),
+            instances=" ".join(_keys),  # values, not loop variables: the shell command is formatted when the job runs
+            engine=_engine,
         conda:
             "../workflow/envs/dflash.yaml"
         log:
@@ -18,4 +20,4 @@ for _engine, _keys, _inputs, _threads, _resources in engine_jobs("baseline"):
         resources:
             **_resources,
         shell:
-            f"OMP_NUM_THREADS={{threads}} dflash stage baseline {' '.join(_keys)} --engine {_engine} > {{log}} 2>&1"
+            "OMP_NUM_THREADS={threads} dflash stage baseline {params.instances} --engine {params.engine} > {log} 2>&1"

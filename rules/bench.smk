@@ -11,6 +11,8 @@ for _engine, _keys, _inputs, _threads, _resources in engine_jobs("bench"):
             [update(done("bench", k)) for k in _keys],  # kept: a rerun resumes
         params:
             spec=canonical_json([REG.get("bench", k).config for k in _keys]),
+            instances=" ".join(_keys),  # values, not loop variables: the shell command is formatted when the job runs
+            engine=_engine,
         conda:
             "../workflow/envs/dflash.yaml"
         log:
@@ -19,4 +21,4 @@ for _engine, _keys, _inputs, _threads, _resources in engine_jobs("bench"):
         resources:
             **_resources,
         shell:
-            f"OMP_NUM_THREADS={{threads}} dflash stage bench {' '.join(_keys)} --engine {_engine} > {{log}} 2>&1"
+            "OMP_NUM_THREADS={threads} dflash stage bench {params.instances} --engine {params.engine} > {log} 2>&1"

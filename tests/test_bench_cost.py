@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -294,3 +295,38 @@ def test_local_engine_loads_once_per_job_and_stays_lossless(tmp_path, monkeypatc
     assert firsts == [(True, True), (False, False), (False, False)]
     cost = bench_cost.phase_cost("local", results, phases)
     assert cost["engine_starts"] == 2 and cost["bench1_layout_starts"] == 3
+
+
+FAKE_DFLASH = """#!/usr/bin/env bash
+# stands in for `dflash stage <stage> KEY... --engine E`: records its arguments, writes each key's provenance.json
+echo "$@" >> "$CALLS"
+stage=$2; shift 2
+while [ $# -gt 0 ] && [ "$1" != "--engine" ]; do mkdir -p "results/$stage/$1"; echo '{}' > "results/$stage/$1/provenance.json"; shift; done
+"""
+
+
+def test_an_engine_job_runs_with_its_own_keys(tmp_path):
+    """The command an engine job runs names exactly the keys its rule outputs (rules made in a loop: a shell string
+    formatted when the job runs once read the last loop iteration's keys)."""
+    repo = copy_repo(tmp_path / "repo")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "dflash").write_text(FAKE_DFLASH)
+    (bin_dir / "dflash").chmod(0o755)
+    reg = build({"smollm2_fast": load_phase("smollm2_fast", ROOT / "configs" / "phases")})
+    plan = reg.plans["smollm2_fast"]["regenerated"]
+    target = repo / "results" / "target" / plan.keys["target"]
+    target.mkdir(parents=True)
+    (target / "provenance.json").write_text("{}")
+    os.utime(target / "provenance.json", (1e9, 1e9))
+    wanted = [f"results/baseline/{k}/provenance.json" for k in plan.baseline.values()]
+    calls = tmp_path / "calls"
+    e = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "CALLS": str(calls)}
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "1", *wanted], cwd=repo, env=e,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    (call,) = calls.read_text().splitlines()
+    args = call.split()
+    assert args[:2] == ["stage", "baseline"] and sorted(args[2:-2]) == sorted(plan.baseline.values())
