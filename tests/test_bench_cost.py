@@ -191,7 +191,6 @@ runner.run_many(reg, "bench", keys, engine)
 def test_a_killed_bench_job_leaves_no_server_and_resumes(tmp_path, monkeypatch):
     """kill -9 of the job process between its datasets: the kernel stops its server (parent-death signal); the
     rerun keeps the finished dataset and starts one server for the rest."""
-    import re
     import signal
     import subprocess
     import time
