@@ -300,7 +300,9 @@ FAKE_DFLASH = """#!/usr/bin/env bash
 # stands in for `dflash stage <stage> KEY... --engine E`: records its arguments, writes each key's provenance.json
 echo "$@" >> "$CALLS"
 stage=$2; shift 2
-while [ $# -gt 0 ] && [ "$1" != "--engine" ]; do mkdir -p "results/$stage/$1"; echo '{}' > "results/$stage/$1/provenance.json"; shift; done
+while [ $# -gt 0 ] && [ "$1" != "--engine" ]; do
+  mkdir -p "results/$stage/$1" && echo '{}' > "results/$stage/$1/provenance.json"; shift
+done
 """
 
 
