@@ -87,7 +87,7 @@ environment() {
 one_run() {     # one phase under Snakemake in a fresh results tree, then its audit; results kept as results-<phase>
   local phase=$1 t0=$SECONDS
   rm -rf results/target results/prepare results/regenerate results/tokenize results/train results/convert \
-    results/bench results/reports results/phases results/checkpoints results/logs .snakemake
+    results/baseline results/bench results/reports results/phases results/checkpoints results/logs .snakemake
   snakemake "$phase" --cores "$(nproc)" --resources gpu=2 --config resources_of="$phase" --keep-going \
     > "$OUT/$phase.snakemake.log" 2>&1 \
     || { tail -50 "$OUT/$phase.snakemake.log"; tail -50 results/logs/train/*.log; return 1; }
@@ -151,8 +151,10 @@ smoke_sglang() {     # issue 17: the smoke phase's target and drafter served by 
   (cd "$repo" && snakemake smoke_sglang --cores "$(nproc)" --resources gpu=2 --rerun-triggers input params \
     --keep-going > "$OUT/smoke_sglang.snakemake.log" 2>&1) || tail -40 "$OUT/smoke_sglang.snakemake.log"
   echo "smoke_sglang: $((SECONDS - t0)) s"
+  local here=$PWD
   (cd "$repo" && dflash audit smoke_sglang | tee "$OUT/smoke_sglang.audit.txt"
-   tar -czf "$OUT/smoke_sglang.tgz" results/reports results/bench results/logs)
+   python "$here/benchmarks/bench_cost.py" smoke_sglang | tee "$OUT/smoke_sglang.cost.txt"
+   tar -czf "$OUT/smoke_sglang.tgz" results/reports results/baseline results/bench results/logs)
 }
 
 KEEP=/tmp/dflash-gpu          # outlives a call: the device empties $OUT before each command

@@ -133,3 +133,17 @@ def phase_report(phase):
         return f"results/reports/{phase}/report.md"
 
     return inputs
+
+
+def engine_jobs(stage):
+    """The jobs of a per-dataset stage: one per engine (`Registry.engine_groups`: the datasets of one run on one
+    loaded model or server), each writing every dataset's keyed directory (one output per dataset). Yields
+    (engine key, instance keys, inputs, threads, resources)."""
+    for engine, keys in REG.engine_groups(stage).items():
+        inputs = list(dict.fromkeys(done(s, k) for key in keys for s, k in REG.get(stage, key).inputs()))
+        first = REG.get(stage, keys[0])
+        res = slurm_resources(first.resources_for(owner(stage, keys[0])), CLUSTER)
+        res["runtime"] = res["runtime"] * len(keys)       # `resources.<stage>.runtime` is per dataset
+        r = stage_resources(first.resources_for(owner(stage, keys[0])))
+        threads = r["cpus_per_gpu"] if r["gpus"] else BY_NAME[stage].threads
+        yield engine, keys, inputs, threads, {k: v for k, v in res.items() if v is not None}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -68,8 +69,12 @@ def snakemake(repo: Path, *args: str, check: bool = True, data: Path | None = No
     return proc
 
 
+ENGINE_RULE = re.compile(r"^(\w+)_[0-9a-f]{12}$")     # `bench_<engine key>`: one rule per engine's job
+
+
 def job_counts(out: str) -> dict[str, int]:
-    """Rule -> job count from the "Job stats" table that Snakemake prints."""
+    """Rule -> job count from the "Job stats" table that Snakemake prints; the rules of one per-dataset stage's
+    engine jobs (`bench_<engine key>`, `baseline_<engine key>`) count under the stage's name."""
     jobs, table = {}, False
     for line in out.splitlines():
         parts = line.split()
@@ -78,7 +83,9 @@ def job_counts(out: str) -> dict[str, int]:
         elif table and len(parts) == 2 and parts[1].isdigit():
             if parts[0] == "total":
                 break
-            jobs[parts[0]] = int(parts[1])
+            m = ENGINE_RULE.match(parts[0])
+            name = m.group(1) if m else parts[0]
+            jobs[name] = jobs.get(name, 0) + int(parts[1])
     return jobs
 
 

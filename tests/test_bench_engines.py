@@ -28,7 +28,7 @@ from dflash.plan.config import load_phase
 from dflash.plan.keys import build
 from dflash.plan.paths import Results
 from dflash.results import audit, report
-from dflash.stages import bench, runner
+from dflash.stages import DRAFT_ONLY, baseline, bench, runner
 from test_model import _drafter, tiny_target
 
 PROMPT = [5, 17, 3, 42, 8, 9, 11]
@@ -125,9 +125,20 @@ def _mt_bench_file(directory: Path) -> Path:
     return path
 
 
+def run_baseline(tmp: Path, config: dict, target: Path) -> Path:
+    """The baseline stage of a bench config (the target alone on its dataset), into tmp/baseline."""
+    out = tmp / "baseline"
+    out.mkdir(parents=True)
+    cfg = {"bench": {k: v for k, v in config["bench"].items() if k not in DRAFT_ONLY}, "dataset": config["dataset"]}
+    baseline.run(runner.Context(cfg, out, {"target": target}, tmp, log=lambda *_: None))
+    return out
+
+
 def _run_bench(tmp: Path, config: dict, upstream: dict, run: dict | None = None) -> tuple[list[dict], dict, dict]:
     out = tmp / "out"
     out.mkdir(parents=True)
+    if config["bench"]["baseline"]:
+        upstream = {**upstream, "baseline": run_baseline(tmp, config, upstream["target"])}
     result = bench.run(runner.Context(config, out, upstream, tmp, log=lambda *_: None, run=run or {}))
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     return records, json.loads((out / "summary.json").read_text()), result
@@ -320,8 +331,13 @@ def test_pretrained_runs_bench_report_and_audit(smoke_repo, tmp_path, monkeypatc
     plans = reg.plans["mix"]
     for run in ("converted", "hub"):
         assert set(plans[run].keys) == {"target"}
-        for key in plans[run].bench.values():
-            runner.run(reg, "bench", key)
+        assert plans[run].baseline == plans["converted"].baseline != plans["main"].baseline    # shared, own settings
+        for key in plans[run].baseline.values():
+            if not (reg.get("baseline", key).dir / "provenance.json").is_file():
+                runner.run(reg, "baseline", key)
+        for engine, keys in reg.engine_groups("bench").items():
+            if set(keys) <= set(plans[run].bench.values()):
+                runner.run_many(reg, "bench", keys, engine)
     assert plans["main"].bench == build({"smoke": load_phase("smoke", repo / "configs" / "phases")},
                                         Results(repo / "results")).plans["smoke"]["main"].bench
     prov = json.loads((repo / "results" / "bench" / plans["hub"].bench["synthetic_math"] / "provenance.json")

@@ -338,7 +338,7 @@ PIN_PHASES = {      # the defaults of each phase file (distinct train/bench seed
     "gpu_bench": "bench: {seed: 3}\n  resources:\n    bench: {gpus: 1, cpus_per_gpu: 6, mem_mb: 64000, runtime: 30}",
 }
 PIN_JOBS = {"phase_k": ("train", ("tokenize", "target")), "two_nodes": ("train", ("tokenize", "target")),
-            "gpu_bench": ("bench", ("convert", "target"))}
+            "gpu_bench": ("bench", ("convert", "target", "baseline"))}
 
 
 @pytest.fixture(scope="module")
@@ -358,17 +358,19 @@ def pinned_sbatch(tmp_path_factory) -> dict[str, dict[str, str]]:
                             "datasets:\n  - {name: synthetic_math, n: 2}\n")
     targets, comments = [], {}
     for phase, (stage, upstream) in PIN_JOBS.items():
-        keys = {}
+        keys, engines = {}, {}
         for r in json.loads(dflash(repo, "plan", phase, "--json").stdout):
             if r["run"] == "R00":
                 keys.setdefault(r["stage"], r["key"])          # bench: the first dataset
+                engines.setdefault(r["stage"], r.get("engine"))
         for up in upstream:
             d = repo / "results" / up / keys[up]
             d.mkdir(parents=True, exist_ok=True)
             (d / "provenance.json").write_text("{}")
             os.utime(d / "provenance.json", (1e9, 1e9))      # one old mtime: no upstream looks newer than the next
         targets.append(f"results/{stage}/{keys[stage]}/provenance.json")
-        comments[f"rule_{stage}_wildcards_{keys[stage]}"] = phase
+        rule = f"rule_{stage}_{engines[stage]}" if engines[stage] else f"rule_{stage}_wildcards_{keys[stage]}"
+        comments[rule] = phase                                 # bench: one rule per engine, no wildcards
     log = tmp / "sbatch.jsonl"
     e = {**env(), "MOCK_SLURM_LOG": str(log), "XDG_CONFIG_HOME": str(tmp / "config"),
          "DFLASH_CLUSTER": str(tmp / "cluster.yaml")}

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import snakemake
+from conftest import job_counts, snakemake
 from dflash import cli
 from dflash.data.benchmarks import DATASETS
 from dflash.modeling.schedule import total_steps
@@ -184,11 +184,8 @@ def test_snakemake_plans_phase_k(repo):
     wall = time.time() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    counts = {}
-    for line in (proc.stdout + proc.stderr).splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[1].isdigit():
-            counts[parts[0]] = int(parts[1])
+    counts = job_counts(proc.stdout + proc.stderr)
     assert counts["target"] == 1 and counts["prepare"] == 2 and counts["tokenize"] == 2   # shared data stages
-    assert counts["train"] == 15 and counts["convert"] == 15 and counts["bench"] == 150
+    assert counts["train"] == 15 and counts["convert"] == 15
+    assert counts["bench"] == 15 and counts["baseline"] == 1          # 150 benches on 15 engines, 10 baselines
     assert cpu < 10.0, f"snakemake -n phase_k took {cpu:.2f} s of CPU ({wall:.2f} s wall)"

@@ -6,10 +6,11 @@ from dflash.plan.config import load_phase
 from dflash.plan.keys import build, stage_key
 
 
-def _keys(phase):
+def _keys(phase, with_baseline: bool = False):
     reg = build({phase.name: phase})
     plan = reg.plans[phase.name]["main"]
-    return {**plan.keys, **{f"bench/{d}": k for d, k in plan.bench.items()}}
+    base = {f"baseline/{d}": k for d, k in plan.baseline.items()} if with_baseline else {}
+    return {**plan.keys, **{f"bench/{d}": k for d, k in plan.bench.items()}, **base}
 
 
 def _changed(a, b):
@@ -37,6 +38,27 @@ def test_bench_change_reruns_bench_only():
     changed.runs["main"]["bench"]["max_new_tokens"] = 32
     assert _changed(_keys(base), _keys(changed)) == ["bench/synthetic_chat", "bench/synthetic_code",
                                                      "bench/synthetic_math"]
+
+
+def test_baseline_keys_hold_the_target_dataset_and_decoding_settings_only():
+    """A drafter change (train, block size) keeps the baselines; a decoding change that the target-only decode
+    sees (max new tokens, dtype, engine) replaces them and the benches; `bench.baseline: false` plans none."""
+    base = load_phase("smoke")
+    sets = ["synthetic_chat", "synthetic_code", "synthetic_math"]
+    for section, field, value in (("train", "lr", 1.0e-3), ("bench", "block_size", 8), ("drafter", "num_layers", 1)):
+        changed = copy.deepcopy(base)
+        changed.runs["main"][section][field] = value
+        assert not any(k.startswith("baseline/") for k in _changed(_keys(base, True), _keys(changed, True)))
+    for field, value in (("max_new_tokens", 32), ("dtype", "bfloat16"), ("engine", "fast"), ("seed", 1)):
+        changed = copy.deepcopy(base)
+        changed.runs["main"]["bench"][field] = value
+        diff = _changed(_keys(base, True), _keys(changed, True))
+        assert diff == [f"baseline/{d}" for d in sets] + [f"bench/{d}" for d in sets], field
+    off = copy.deepcopy(base)
+    off.runs["main"]["bench"]["baseline"] = False
+    reg = build({"smoke": off})
+    assert reg.plans["smoke"]["main"].baseline == {} and not reg.engine_groups("baseline")
+    assert all("baseline" not in reg.get("bench", k).upstream for k in reg.plans["smoke"]["main"].bench.values())
 
 
 def test_data_stages_shared_between_runs_and_phases():

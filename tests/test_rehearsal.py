@@ -164,8 +164,8 @@ def rehearsed(tmp_path_factory):
 @pytest.mark.slow
 def test_rehearsals_run_end_to_end_and_audit_clean(rehearsed):
     repo, seconds, jobs = rehearsed
-    assert jobs == {"target": 1, "prepare": 2, "regenerate": 1, "tokenize": 2, "train": 3, "convert": 3, "bench": 9,
-                    "report": 2, "paper": 1, "phase_e": 1}
+    assert jobs == {"target": 1, "prepare": 2, "regenerate": 1, "tokenize": 2, "train": 3, "convert": 3, "baseline": 1,
+                    "bench": 3, "report": 2, "paper": 1, "phase_e": 1}
     for phase in ("paper", "phase_e"):
         proc = dflash(repo, "audit", f"rehearsal/{phase}", data=SHARED_DATA)
         assert proc.returncode == 0 and proc.stdout.splitlines()[0].endswith(": OK"), proc.stdout + proc.stderr
@@ -204,7 +204,8 @@ def test_rehearsal_outputs_never_stand_for_real_ones(rehearsed):
     reg = load_registry(only=["paper", "phase_e"])
     benches = {k for plans in reg.plans.values() for plan in plans.values() for k in plan.bench.values()}
     assert len(benches) == 40                                     # 3 runs x 10 sets + paper's zlab run
-    assert real["target"] == 1 and real["bench"] == len(benches) and real["report"] == 2   # nothing real done
+    assert real["target"] == 1 and real["report"] == 2                                 # nothing real done
+    assert real["bench"] == 4 and real["baseline"] == 1        # one job per run's engine, one baseline job
     assert "nothing unreferenced" in dflash(repo, "gc").stdout                         # gc keeps the rehearsals
     assert load_phase("paper").runs["main"]["target"]["kind"] == "hub"
 

@@ -17,7 +17,7 @@ from dflash.decoding import sglang as sglang_engine
 from dflash.decoding.sglang import ServerError, ServerSpec, SGLangServer
 from dflash.ports import PORT_SPAN, free_ports
 from dflash.processes import pid_alive
-from dflash.stages import bench
+from dflash.stages import DRAFT_ONLY, baseline, bench
 from dflash.stages.runner import Context
 
 # A stand-in for `python -m sglang.launch_server`: the same HTTP surface (/health_generate, /generate streamed or
@@ -320,7 +320,38 @@ def test_metrics_use_server_means_and_keep_hf_behaviour():
     assert s["histogram"] == [0] * 5 and s["n_requests"] == 3
 
 
+def test_tau_has_one_definition_for_every_engine():
+    """Issue 24's measurement on the smoke model: a 17-token answer in one verify step reads 17.0 from SGLang and
+    16.0 from the HF engine; 33 tokens in two steps 16.5 vs 16.0. From completion tokens and verify steps, both
+    definitions come out alike for both engines."""
+    served = [{"n_tokens": 17, "accept_lengths": [], "spec_accept_length": 17.0, "spec_verify_ct": 1,
+               "verify_steps": 1},
+              {"n_tokens": 33, "accept_lengths": [], "spec_accept_length": 16.5, "spec_verify_ct": 2,
+               "verify_steps": 2}]
+    local = [{"n_tokens": 17, "accept_lengths": [16], "verify_steps": 1},
+             {"n_tokens": 33, "accept_lengths": [16, 16]}]                     # a bench 1 record: no verify_steps
+    assert metrics.summarize(served, 16)["tau_macro"] == pytest.approx(16.75)      # SGLang's own numbers
+    assert metrics.summarize(local, 16)["tau_macro"] == pytest.approx(16.0)        # the HF engine's per step
+    for records in (served, local):
+        assert metrics.tau_definitions(records) == {"tau_tokens_per_step": pytest.approx(16.75),
+                                                    "tau_new_per_step": pytest.approx(16.0)}
+    assert metrics.tau_definitions([{"n_tokens": 3, "accept_lengths": []}]) == {"tau_tokens_per_step": None,
+                                                                               "tau_new_per_step": None}
+
+
+def test_output_steps_leave_out_zlab_s_step_after_a_complete_output():
+    """z-lab's loop runs one more step when exactly max_new_tokens are committed (and one after a first token that
+    is EOS); a server stopping at the cap does not. The steps counted for the one-definition taus are those until
+    the output is complete."""
+    assert metrics.output_steps([16, 16], 33) == 2
+    assert metrics.output_steps([16, 16, 3], 33) == 2            # the extra step at the cap (exactly 33 committed)
+    assert metrics.output_steps([16, 5], 20) == 2                # the last step runs past the cap: counted
+    assert metrics.output_steps([1], 1) == 0                     # first token EOS (or a cap of 1): no verify step
+    assert metrics.output_steps([], 1) == 0
+
+
 def test_run_bench_with_fake_servers(fake, tmp_path, monkeypatch):
+    """The baseline stage on a target-only server, then the bench on a DFLASH server, each its own job."""
     target = build_tiny_target(tmp_path / "target")
     draft = tmp_path / "convert"
     draft.mkdir()
@@ -337,26 +368,33 @@ def test_run_bench_with_fake_servers(fake, tmp_path, monkeypatch):
                      "system_prompt": None, "enable_thinking": False, "baseline": True, "device": "auto",
                      "dtype": "bfloat16", "seed": 0, "sglang": {"concurrency": 2}},
            "dataset": {"name": "synthetic_math", "n": 3, "seed": 0}}
-    out = tmp_path / "out"
+    base_out, out = tmp_path / "baseline", tmp_path / "out"
+    base_out.mkdir()
     out.mkdir()
-    result = bench.run(Context(cfg, out, {"target": target, "convert": draft}, tmp_path, log=lambda *_: None))
+    base_cfg = {"bench": {k: v for k, v in cfg["bench"].items() if k not in DRAFT_ONLY}, "dataset": cfg["dataset"]}
+    baseline.run(Context(base_cfg, base_out, {"target": target}, tmp_path, log=lambda *_: None))
+    result = bench.run(Context(cfg, out, {"target": target, "convert": draft, "baseline": base_out}, tmp_path,
+                               log=lambda *_: None))
 
-    assert [s.draft_model_path for s in seen] == [str(draft.resolve()), None]
-    assert seen[0].block_size == 8 and seen[0].dtype == "bfloat16"
+    assert [s.draft_model_path for s in seen] == [None, str(draft.resolve())]
+    assert seen[1].block_size == 8 and seen[1].dtype == "bfloat16"
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     assert len(records) == 3 and {r["prompt_id"] for r in records} == {"math/0", "math/1", "math/2"}
     for r in records:
         assert r["accept_lengths"] == [] and r["spec_accept_length"] >= 1 and r["spec_verify_ct"] >= 1
+        assert r["verify_steps"] == r["spec_verify_ct"]
         assert r["n_tokens"] == r["baseline"]["n_tokens"] and r["lossless"] is True
         assert r["prompt_tokens"] > 0 and r["decode_s"] >= 0 and r["prefill_s"] > 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["backend"] == "sglang" and summary["concurrency"] == 2 and summary["block_size"] == 8
     assert summary["tau_macro"] == pytest.approx(sum(r["spec_accept_length"] for r in records) / 3)
+    assert summary["tau_tokens_per_step"] == pytest.approx(summary["tau_macro"])     # SGLang's own definition
     assert summary["lossless"] is True and summary["speedup_throughput"] > 0
-    assert set(summary["server_commands"]) == {"dflash", "baseline"}
+    assert summary["baseline"]["key"] == base_out.name and summary["engine"]["started_here"] is True
+    assert set(summary["server_commands"]) == {"dflash"}
     assert result["summary"]["backend"] == "sglang" and "prompt_ids" not in result["summary"]
-    for name in ("dflash", "baseline"):
-        log = (out / f"sglang-{name}.log").read_text()
+    for d, name in ((out, "dflash"), (base_out, "baseline")):
+        log = (d / f"sglang-{name}.log").read_text()
         assert "fake sglang starting" in log and log.startswith("$ ")
 
 

@@ -74,7 +74,7 @@ def _edit(repo, section, key, value):
 def test_train_change_plans_train_subtree_only(smoke_repo):
     path, original = _edit(smoke_repo, "train", "gamma", 5.0)
     try:
-        assert planned_jobs(smoke_repo) == {"train": 1, "convert": 1, "bench": 3, "report": 1, "smoke": 1}
+        assert planned_jobs(smoke_repo) == {"train": 1, "convert": 1, "bench": 1, "report": 1, "smoke": 1}
     finally:
         path.write_text(original)
 
@@ -82,6 +82,6 @@ def test_train_change_plans_train_subtree_only(smoke_repo):
 def test_bench_change_plans_bench_and_report_only(smoke_repo):
     path, original = _edit(smoke_repo, "bench", "max_new_tokens", 48)
     try:
-        assert planned_jobs(smoke_repo) == {"bench": 3, "report": 1, "smoke": 1}
+        assert planned_jobs(smoke_repo) == {"baseline": 1, "bench": 1, "report": 1, "smoke": 1}
     finally:
         path.write_text(original)

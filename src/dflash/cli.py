@@ -34,14 +34,17 @@ def cmd_plan(args) -> int:
 
     reg = _registry(args, [args.phase])
     availability.check(reg.phases[args.phase])
+    engines = {(stage, key): engine for stage in ("baseline", "bench")
+               for engine, keys in reg.engine_groups(stage).items() for key in keys}
     rows = []
     for run, plan in reg.plans[args.phase].items():
         for name, (stage, key) in plan.named().items():
             inst = reg.get(stage, key)
             row = {"run": run, "stage": stage, "key": key, "dir": str(inst.dir),
                    "exists": (inst.dir / "provenance.json").is_file()}
-            if stage == "bench":
-                row["dataset"] = name.removeprefix("bench/")
+            if stage in ("bench", "baseline"):
+                row["dataset"] = name.removeprefix(f"{stage}/")
+                row["engine"] = engines[(stage, key)]         # its job: rule <stage>_<engine>
             rows.append(row)
     rep = reg.reports[args.phase]
     rows.append({"run": "*", "stage": "report", "key": rep.key, "dir": str(rep.dir),
@@ -53,6 +56,12 @@ def cmd_plan(args) -> int:
         for r in rows:
             name = r["stage"] + (f"[{r['dataset']}]" if "dataset" in r else "")
             print(f"  {r['run']:<14} {name:<28} {r['key']}  {'done' if r['exists'] else 'todo'}  {r['dir']}")
+        for stage in ("baseline", "bench"):
+            keys = {r["key"] for r in rows if r["stage"] == stage}
+            if keys:
+                jobs = sum(1 for group in reg.engine_groups(stage).values() if keys & set(group))
+                print(f"  {stage}: {len(keys)} instances ({sum(r['stage'] == stage for r in rows)} uses by runs), "
+                      f"{jobs} engine job(s)")
     return 0
 
 
@@ -85,10 +94,16 @@ def cmd_stage(args) -> int:
     from dflash.stages import runner
 
     end_with_starter()
-    reg = _job_registry(args.stage, args.key)
-    runner.lock(reg.results, args.stage, args.key)
-    _claim_gpus(reg, args.stage, args.key)
-    print(runner.run(reg, args.stage, args.key))
+    key, *more = args.key
+    reg = _job_registry(args.stage, key)
+    for k in args.key:                      # every instance this job writes: one writer each
+        runner.lock(reg.results, args.stage, k)
+    _claim_gpus(reg, args.stage, key)
+    if not more and args.engine is None:
+        print(runner.run(reg, args.stage, key))
+        return 0
+    for d in runner.run_many(reg, args.stage, args.key, args.engine):
+        print(d)
     return 0
 
 
@@ -246,9 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("phase")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_status)
-    s = sub.add_parser("stage", help="run one stage instance (called by the Snakemake rules)")
+    s = sub.add_parser("stage", help="run stage instances (called by the Snakemake rules); several keys of one "
+                       "per-dataset stage share one engine (one loaded model or server)")
     s.add_argument("stage")
-    s.add_argument("key")
+    s.add_argument("key", nargs="+")
+    s.add_argument("--engine", default=None, help="the engine key of the keys (names the job's engine logs)")
     s.set_defaults(fn=cmd_stage)
     s = sub.add_parser("stages", help="the stage table (what each stage reads, its upstream and output)")
     s.set_defaults(fn=cmd_stages)

@@ -19,6 +19,7 @@ from dflash.decoding.fast import FastDecoder
 from dflash.decoding.hf import DrafterProposer, Generation, dflash_generate, target_generate
 
 ENGINES = ("hf", "fast")
+DEFAULT_BLOCK = 16            # the step shape of a target-only engine (no drafter; only the baseline runs on it)
 
 
 class Engine:
@@ -27,7 +28,7 @@ class Engine:
         if kind not in ENGINES:
             raise ValueError(f"engine {kind!r}: expected one of {ENGINES}")
         self.kind, self.name, self.target, self.drafter = kind, name or kind, target, drafter
-        self.bs = block_size or drafter.config.block_size
+        self.bs = block_size or (drafter.config.block_size if drafter is not None else DEFAULT_BLOCK)
         self.dec = (FastDecoder(target, drafter, max_len=max_len, block_size=self.bs, graphs=graphs,
                                 compile=compile) if kind == "fast" else None)
         self.capture_s, self.captures, self._captured = 0.0, 0, False
@@ -50,11 +51,12 @@ class Engine:
             self._captured = True
 
     def warm_up(self, prompt_ids: list[int], needed: int, n: int = 8) -> float:
-        """Room for `needed` positions, then a short DFlash and target-only generation, not recorded (kernels,
-        allocator, graphs); the seconds it all took."""
+        """Room for `needed` positions, then a short DFlash (with a drafter) and target-only generation, not
+        recorded (kernels, allocator, graphs); the seconds it all took."""
         t = time.perf_counter()
         self.prepare(needed)
-        self.dflash(prompt_ids, n, set())
+        if self.drafter is not None:
+            self.dflash(prompt_ids, n, set())
         self.target_generate(prompt_ids, n, set())
         return time.perf_counter() - t
 

@@ -106,3 +106,40 @@ def compare(a: list[dict], b: list[dict]) -> dict:
     return {"matched": len(rows), "only_a": len(keys_a) - len(rows), "only_b": len(other.keys() - keys_a),
             "equal_outputs": sum(1 for x in rows if x["compared"] and x["first_difference"] is None),
             "compared": sum(1 for x in rows if x["compared"]), "rows": rows}
+
+
+def output_steps(accept_lengths: list[int], n_tokens: int) -> int:
+    """Verify steps until the output (`n_tokens`, cut at the cap and the first EOS) is complete: the first k with
+    1 + sum(accept_lengths[:k]) >= n_tokens (the prefill gives the first token). It leaves out the step z-lab's loop
+    runs after the output is complete (exactly `max_new_tokens` committed, or a first token that is EOS), which a
+    server stopping at the cap or EOS does not run, so it counts steps as SGLang's `spec_verify_ct` does."""
+    done, k = 1, 0
+    while done < n_tokens and k < len(accept_lengths):
+        done += accept_lengths[k]
+        k += 1
+    return k
+
+
+def verify_steps(r: dict) -> int | None:
+    """Verify steps of a record: `verify_steps` (bench 2), else the per-step list's length or SGLang's count."""
+    if r.get("verify_steps") is not None:
+        return int(r["verify_steps"])
+    if r.get("accept_lengths"):
+        return len(r["accept_lengths"])
+    return r.get("spec_verify_ct")
+
+
+def tau_definitions(records: list[dict]) -> dict:
+    """tau under two definitions that every engine's records give (completion tokens and verify steps), so that
+    engines compare on one definition; means over requests:
+    * `tau_tokens_per_step`: completion tokens / verify steps, SGLang's `spec_accept_length` (it counts the token
+      the prefill produced, and the last step's tokens as far as the output goes);
+    * `tau_new_per_step`: (completion tokens - 1) / verify steps, the prefill's token left out: the local engines'
+      per-step mean (`tau_macro`) wherever their per-step accepted lengths add up to the output after its first
+      token (they differ where a last step's accepted tokens run past the cap or an EOS).
+    Records without verify steps (or with none) are left out; None when no record has them."""
+    usable = [(r["n_tokens"], s) for r in records if (s := verify_steps(r))]
+    if not usable:
+        return {"tau_tokens_per_step": None, "tau_new_per_step": None}
+    return {"tau_tokens_per_step": statistics.fmean(n / s for n, s in usable),
+            "tau_new_per_step": statistics.fmean((n - 1) / s for n, s in usable)}

@@ -45,25 +45,32 @@ def upstream_pairs(upstream: dict) -> list[tuple[str, str]]:
 class RunPlan:
     phase: str
     run: str
-    keys: dict[str, str]              # stage -> key (bench excluded)
+    keys: dict[str, str]              # stage -> key (per-dataset stages excluded)
     bench: dict[str, str]             # dataset name -> bench key
+    baseline: dict[str, str] = field(default_factory=dict)    # dataset name -> baseline key (none: not planned)
+
+    def per_dataset(self) -> dict[str, dict[str, str]]:
+        """Per-dataset stage -> {dataset: key}, the baseline first (it feeds the bench)."""
+        return {"baseline": self.baseline, "bench": self.bench} if self.baseline else {"bench": self.bench}
 
     def pairs(self) -> list[tuple[str, str]]:
-        """Every (stage, key) of the run, benches last."""
-        return [*self.keys.items(), *(("bench", k) for k in self.bench.values())]
+        """Every (stage, key) of the run, per-dataset stages last."""
+        return [*self.keys.items(), *((s, k) for s, d in self.per_dataset().items() for k in d.values())]
 
     def named(self) -> dict[str, tuple[str, str]]:
-        """Link name (`train`, `bench/<dataset>`) -> (stage, key)."""
-        return {**{s: (s, k) for s, k in self.keys.items()}, **{f"bench/{d}": ("bench", k) for d, k in
-                                                                   self.bench.items()}}
+        """Link name (`train`, `bench/<dataset>`, `baseline/<dataset>`) -> (stage, key)."""
+        return {**{s: (s, k) for s, k in self.keys.items()},
+                **{f"{s}/{ds}": (s, k) for s, d in self.per_dataset().items() for ds, k in d.items()}}
 
     def as_dict(self) -> dict:
-        """{stage: key, ..., "bench": {dataset: key}}: what the report records as its upstream."""
-        return {**self.keys, "bench": dict(self.bench)}
+        """{stage: key, ..., "bench": {dataset: key}[, "baseline": {dataset: key}]}: what the report records as its
+        upstream (a tree without baselines records no "baseline" entry)."""
+        return {**self.keys, **{s: dict(d) for s, d in self.per_dataset().items()}}
 
     @classmethod
     def from_dict(cls, phase: str, run: str, d: dict) -> RunPlan:
-        return cls(phase, run, {s: k for s, k in d.items() if s != "bench"}, dict(d.get("bench", {})))
+        return cls(phase, run, {s: k for s, k in d.items() if s not in ("bench", "baseline")},
+                   dict(d.get("bench", {})), dict(d.get("baseline", {})))
 
 
 @dataclass
@@ -110,37 +117,68 @@ class Registry:
     def report_key(self, phase: str) -> str:
         return self.reports[phase].key
 
+    def engine_groups(self, stage: str) -> dict[str, list[str]]:
+        """Engine key -> the keys of the `stage` instances that share one engine (every phase's, in planning
+        order): one job each (see `engine_key`)."""
+        groups: dict[str, list[str]] = {}
+        for (s, key), inst in self.instances.items():
+            if s == stage:
+                groups.setdefault(engine_key(inst), []).append(key)
+        return groups
+
+
+def planned(st, run: dict, versions: dict[str, int] | None = None) -> bool:
+    """Whether a run plans stage `st` (keyed with `versions`: a stage that came with a later format version of
+    another, `since`, is not part of a tree built by an earlier one)."""
+    if st.since is not None:
+        stage, version = st.since
+        if (versions or {}).get(stage, BY_NAME[stage].version) < version:
+            return False
+    return st.when(run)
+
 
 def plan_run(phase: Phase, run_name: str, run: dict, results: Results,
              versions: dict[str, int] | None = None) -> tuple[RunPlan, list[StageInstance]]:
     res = run["resources"]
     out: list[StageInstance] = []
     keys: dict[str, str] = {}
-    bench: dict[str, str] = {}
+    per_ds: dict[str, dict[str, str]] = {}          # per-dataset stage -> dataset -> key
     for st in STAGES:
-        if not st.when(run):
+        if not planned(st, run, versions):
             continue
-        upstream = {}
-        for entry in st.upstream:
-            name = next((n for n in alternatives(entry) if n in keys), None)
-            if name is not None:
-                upstream[name] = keys[name]
-            elif not entry.endswith("?"):
-                raise ConfigError(f"{phase.file}: runs.{run_name}: stage {st.name} needs {entry}, which the run "
-                                 "does not plan")
         for ds in (phase.datasets if st.per_dataset else [None]):
+            upstream = {}
+            known = {**keys, **{n: d[ds["name"]] for n, d in per_ds.items() if ds is not None and ds["name"] in d}}
+            for entry in st.upstream:
+                name = next((n for n in alternatives(entry) if n in known), None)
+                if name is not None:
+                    upstream[name] = known[name]
+                elif not entry.endswith("?"):
+                    raise ConfigError(f"{phase.file}: runs.{run_name}: stage {st.name} needs {entry}, which the "
+                                     "run does not plan")
             config = st.select(run, phase, ds)
             if phase.rehearsal:
-                config["rehearsal"] = rehearsal.stage_record(phase, run_name, st.name, config, ds)
+                config["rehearsal"] = rehearsal.stage_record(phase, run_name, st.resources or st.name, config, ds)
             key = stage_key(st.name, config, upstream, (versions or {}).get(st.name))
-            out.append(StageInstance(st.name, key, config, upstream, res.get(st.name, {}),
+            out.append(StageInstance(st.name, key, config, upstream, res.get(st.resources or st.name, {}),
                                      results.stage_dir(st.name, key),
                                      {**run["logging"], "phase": phase.name, "run": run_name}))
             if ds is None:
                 keys[st.name] = key
             else:
-                bench[ds["name"]] = key
-    return RunPlan(phase.name, run_name, keys, bench), out
+                per_ds.setdefault(st.name, {})[ds["name"]] = key
+    return RunPlan(phase.name, run_name, keys, per_ds.get("bench", {}), per_ds.get("baseline", {})), out
+
+
+def engine_key(inst: StageInstance) -> str:
+    """The engine an instance of a per-dataset stage runs on: its key without the dataset (and the dataset's
+    rehearsal substitutions) and without the baseline it reads. Instances with one engine key are one job."""
+    config = {k: v for k, v in inst.config.items() if k != "dataset"}
+    if "rehearsal" in config:
+        config["rehearsal"] = {p: v for p, v in config["rehearsal"].items()
+                               if p != "dataset" and not p.startswith("dataset.")}
+    upstream = {s: k for s, k in inst.upstream.items() if s != "baseline"}
+    return stage_key(inst.stage, {"engine": config}, upstream)
 
 
 def plan_report(phase: Phase, plans: dict[str, RunPlan], results: Results,

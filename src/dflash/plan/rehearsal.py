@@ -153,8 +153,9 @@ def rehearse(phase: Phase, overlay: dict) -> Phase:
 
 
 def stage_record(phase: Phase, run: str, stage: str, config: dict, dataset: dict | None) -> dict:
-    """The substitutions a stage instance reads: those of the sections in its config, its own scheduler request,
-    and (bench) its dataset's."""
+    """The substitutions a stage instance reads: those of the sections in its config, its scheduler request
+    (`resources.<stage>`: the entry its jobs use; the baseline's is the bench's), and (bench, baseline) its
+    dataset's."""
     subs = phase.rehearsal["runs"][run]
     out = {}
     for key in config:

@@ -40,7 +40,7 @@ KEY = re.compile(r"^[0-9a-f]{12}$")
 SUMMARY_FIELDS = ("n_requests", "n_steps", "tau_macro", "tau_token", "tau_no_bonus", "histogram",
                   "acceptance_per_position", "tokens", "speedup_decode_only", "speedup_e2e", "tpot_dflash_ms",
                   "tpot_baseline_ms", "lossless", "speedup_decode_zlab", "tpot_dflash_zlab_ms",
-                  "tpot_baseline_zlab_ms", "diverged")
+                  "tpot_baseline_zlab_ms", "diverged", "tau_tokens_per_step", "tau_new_per_step")
 ROW_KEYS = {"tau": ("run", "dataset"), "speedup": ("run", "dataset"), "training": ("run",),
             "deltas": ("run", "compared_to", "metric", "dataset"), "references": ("reference", "metric", "dataset")}
 AGG_TOLERANCE = 2e-4        # mean of 4-decimal cells vs the 4-decimal mean
@@ -106,6 +106,7 @@ class Auditor:
         self.deps: dict[tuple[str, str], set[tuple[str, str]]] = {}   # stage dir -> every stage dir below it
         self.omitted = publish.omitted_files(self.tree.root)
         self.versions: dict[str, set[int]] = {}        # stage -> format versions recorded in the tree
+        self.report_version = REPORT.version
 
     def problem(self, path, message: str, rows: list[str] | None = None) -> None:
         self.result.problems.append(Problem(str(path), message, rows or []))
@@ -200,6 +201,7 @@ class Auditor:
                 if bad:
                     self.problem(d / "summary.json", f"{', '.join(bad)} differ from the values recomputed from "
                                                      "records.jsonl")
+                self.check_baseline(d, stored)
             tkey = keys.get("train")            # None: a pretrained drafter, nothing trained
             train = metrics = None
             if tkey is not None:
@@ -219,6 +221,35 @@ class Auditor:
             if ok:
                 data[run] = rep.run_entry(self.ph.runs.get(run, {}), bench, keys["bench"], tkey, train, metrics)
         return data
+
+    def check_baseline(self, d: Path, summary: dict) -> None:
+        """A bench that read a baseline stage: every record's `baseline` entry equals that stage's record of the same
+        prompt and turn, and the summary names that stage."""
+        try:
+            upstream = provenance.read(d).get("upstream", {})
+        except (OSError, ValueError):
+            return                      # reported by walk()
+        key = upstream.get("baseline")
+        if key is None:
+            return
+        if (summary.get("baseline") or {}).get("key") != key:
+            self.problem(d / "summary.json", f"names baseline {(summary.get('baseline') or {}).get('key')}, its "
+                                             f"provenance reads baseline {key}")
+        bdir = self.tree.stage_dir("baseline", key)
+        try:
+            base = {(r["prompt_id"], r["turn"]): r for r in rep.read_jsonl(bdir / "records.jsonl")}
+            records = rep.read_jsonl(d / "records.jsonl")
+        except (OSError, ValueError, KeyError) as e:
+            self.problem(bdir / "records.jsonl", f"cannot read the baseline records: {e!r}")
+            return
+        for r in records:
+            b = base.get((r["prompt_id"], r["turn"]))
+            got = r.get("baseline") or {}
+            differ = ["record"] if b is None else [f for f in got if f != "same_prompt" and got[f] != b.get(f)]
+            if differ:
+                self.problem(d / "records.jsonl", f"{r['prompt_id']} turn {r['turn']}: baseline "
+                                                  f"{', '.join(differ)} differ from {bdir / 'records.jsonl'}")
+                return
 
     def check_train(self, tdir: Path, summary: dict, metrics: list[dict]) -> None:
         steps = [m.get("step") for m in metrics]
@@ -241,7 +272,7 @@ class Auditor:
             with open(path, newline="") as f:
                 reader = csv.DictReader(f)
                 header, have = reader.fieldnames or [], list(reader)
-            cols = rep.TABLES[name]
+            cols = rep.columns(name, self.report_version)
             if header != cols:
                 self.problem(path, f"columns {header} differ from {cols}")
             ident = ROW_KEYS[name]
@@ -331,6 +362,7 @@ class Auditor:
             self.problem(out, f"no report (no {provenance.PROVENANCE}); build it with `snakemake {self.phase}`")
             return self.result
         prov = provenance.read(out)
+        self.report_version = prov.get("version", 1)
         self.result.dirs += 1
         self.check_files(out, prov)
         self.check_inputs(out, prov)

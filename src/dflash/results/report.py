@@ -27,14 +27,17 @@ from dflash.stages import data_parallel
 
 AGG_SOURCE = "mean of the run's per-dataset rows"
 
-TAU_COLS = ["run", "dataset", "family", "tau", "tau_token_weighted", "tau_no_bonus", "n_requests", "backend",
-            "hardware", "temperature", "source"]
+# tau_tokens_per_step (SGLang's spec_accept_length: completion tokens / verify steps) and tau_new_per_step (the
+# prefill's token left out): one definition for every engine, from each record's token count and verify steps
+TAU_COLS = ["run", "dataset", "family", "tau", "tau_token_weighted", "tau_no_bonus", "tau_tokens_per_step",
+            "tau_new_per_step", "n_requests", "backend", "hardware", "temperature", "source"]
 # speedup_decode_zlab and its TPOTs: z-lab's clock (restarted after the drafter's first pass, n tokens);
 # speedup_decode_only: the project's earlier clock (from the end of prefill, n - 1 tokens); see decoding/metrics.py
 SPEED_VALUES = ["speedup_decode_zlab", "tpot_dflash_zlab_ms", "tpot_baseline_zlab_ms", "speedup_decode_only",
                 "speedup_e2e"]
+# baseline: the baseline stage the speedups divide by (bench 2; the same engine by its key), and its hardware
 SPEED_COLS = ["run", "dataset", *SPEED_VALUES, "lossless", "diverged", "n_requests", "backend", "hardware",
-              "temperature", "source"]
+              "baseline_hardware", "temperature", "source", "baseline"]
 TRAIN_COLS = ["run", "steps", "schedule_steps", "global_batch", "planned_global_batch", "samples", "epochs",
               "final_loss", "final_acc", "samples_per_s", "wall_s", "gpus", "gpu_hours", "device", "source"]
 DELTA_COLS = ["run", "metric", "dataset", "family", "n_datasets", "value", "reference", "delta", "ratio",
@@ -43,6 +46,14 @@ REF_COLS = ["reference", "role", "source", "label", "target_model", "method", "t
             "metric", "value", "note"]
 TABLES = {"tau": TAU_COLS, "speedup": SPEED_COLS, "training": TRAIN_COLS, "deltas": DELTA_COLS,
           "references": REF_COLS}
+# the columns of reports of format version 1 (before the baseline stage and the two tau definitions)
+TABLES_V1 = {**TABLES, "tau": [c for c in TAU_COLS if c not in ("tau_tokens_per_step", "tau_new_per_step")],
+             "speedup": [c for c in SPEED_COLS if c not in ("baseline_hardware", "baseline")]}
+
+
+def columns(name: str, version: int) -> list[str]:
+    """The columns of table `name` in a report of format `version`."""
+    return (TABLES_V1 if version < 2 else TABLES)[name]
 # our summary field for each reference metric (published decode-only speedups: compared with z-lab's clock)
 METRIC_FIELDS = {"tau": "tau_macro", "speedup_decode_only": "speedup_decode_zlab", "speedup_e2e": "speedup_e2e"}
 
@@ -78,7 +89,9 @@ def aggregate_names(datasets: list[str]) -> list[str]:
 def bench_summary(directory: Path) -> dict:
     """A bench stage's summary with every metric recomputed from its raw records."""
     s = json.loads((directory / "summary.json").read_text())
-    s.update(metrics.summarize(read_jsonl(directory / "records.jsonl"), s["block_size"]))
+    records = read_jsonl(directory / "records.jsonl")
+    s.update(metrics.summarize(records, s["block_size"]))
+    s.update(metrics.tau_definitions(records))
     return s
 
 
@@ -166,6 +179,8 @@ def tau_table(data: dict) -> list[dict]:
             if r["kind"] == "run":
                 rows.append({"run": run, "dataset": ds, "family": family(ds), "tau": _r(s["tau_macro"]),
                              "tau_token_weighted": _r(s["tau_token"]), "tau_no_bonus": _r(s["tau_no_bonus"]),
+                             "tau_tokens_per_step": _r(s.get("tau_tokens_per_step")),
+                             "tau_new_per_step": _r(s.get("tau_new_per_step")),
                              "n_requests": s["n_requests"], "backend": s["backend"], "hardware": s["hardware"],
                              "temperature": s["temperature"], "source": f"bench/{r['bench_keys'][ds]}"})
             else:
@@ -184,7 +199,9 @@ def speedup_table(data: dict) -> list[dict]:
                 rows.append({"run": run, "dataset": ds, **{c: _r(s.get(c)) for c in SPEED_VALUES},
                              "lossless": s.get("lossless"), "diverged": s.get("diverged"),
                              "n_requests": s["n_requests"], "backend": s["backend"], "hardware": s["hardware"],
-                             "temperature": s["temperature"], "source": f"bench/{r['bench_keys'][ds]}"})
+                             "baseline_hardware": (s.get("baseline") or {}).get("hardware"),
+                             "temperature": s["temperature"], "source": f"bench/{r['bench_keys'][ds]}",
+                             "baseline": f"baseline/{s['baseline']['key']}" if s.get("baseline") else None})
             elif s.get("speedup_decode_zlab") is not None or s.get("speedup_e2e") is not None:
                 # a published run: its decode-only speedup as its source defines it (not z-lab's clock)
                 rows.append({"run": run, "dataset": ds, "speedup_decode_only": _r(s.get("speedup_decode_zlab")),
@@ -287,7 +304,7 @@ def tables(ph: Phase, data: dict) -> dict[str, list[dict]]:
 
 def csv_text(rows: list[dict], cols: list[str]) -> str:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n", extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
     return buf.getvalue()
@@ -420,6 +437,27 @@ def _wide_tau(ph: Phase, data: dict, comps: dict[str, list[refs.Line]]) -> list[
     return rows
 
 
+TAU_NOTE = (
+    "`tau`: mean over requests of each request's mean accepted length per step, bonus included (z-lab's); local "
+    "engines (`hf`, `fast`) give it per step, SGLang only as its `spec_accept_length`. The two columns after "
+    "`tau_token_weighted` use one definition for every engine, from each request's completion tokens and verify "
+    "steps: `tau_tokens_per_step` = tokens / steps (SGLang's `spec_accept_length`: it counts the token the prefill "
+    "produced), `tau_new_per_step` = (tokens - 1) / steps (that token left out: the local engines' per-step mean "
+    "where their accepted lengths add up to the output). Compare engines on one of these two.")
+
+
+def baseline_note(rows: list[dict]) -> str:
+    """What the speedups divide by, and the rows whose DFlash and baseline timings come from different hardware."""
+    text = ("Each speedup divides a baseline timing (the baseline stage named in `baseline`: the target alone on "
+            "the same prompts, same engine and settings) by the DFlash timing; both run on the hardware recorded in "
+            "`hardware` and `baseline_hardware`.")
+    differ = [f"{r['run']}/{r['dataset']} ({r['hardware']} vs {r['baseline_hardware']})" for r in rows
+              if r.get("baseline_hardware") and r.get("hardware") and r["baseline_hardware"] != r["hardware"]]
+    if differ:
+        text += " **Different hardware (these speedups compare two machines):** " + "; ".join(differ) + "."
+    return text
+
+
 def markdown(ph: Phase, data: dict, t: dict[str, list[dict]]) -> str:
     comps = comparisons(ph, data)
     datasets = [d["name"] for d in ph.datasets]
@@ -473,8 +511,9 @@ def markdown(ph: Phase, data: dict, t: dict[str, list[dict]]) -> str:
         ]
     parts += [
         "## Acceptance length per run and dataset",
-        _md_table(t["tau"], ["run", "dataset", "tau", "tau_token_weighted", "n_requests", "backend", "hardware",
-                             "temperature", "source"]),
+        TAU_NOTE,
+        _md_table(t["tau"], ["run", "dataset", "tau", "tau_token_weighted", "tau_tokens_per_step", "tau_new_per_step",
+                             "n_requests", "backend", "hardware", "temperature", "source"]),
         "## Speedup (batch 1)",
         "`speedup_decode_zlab`: decode-only speedup with z-lab's timing (as z-lab's benchmark and README): mean "
         "target-only time per output token over mean DFlash time per output token, each request's clock restarted "
@@ -485,9 +524,10 @@ def markdown(ph: Phase, data: dict, t: dict[str, list[dict]]) -> str:
         "first differing position and the target's top-2 logit gap there). Empty z-lab cells: records without "
         "that clock (written before it was recorded, or by SGLang). Published (external) runs show their source's "
         "decode-only speedup, as it defines it, under `speedup_decode_only`.",
+        baseline_note(t["speedup"]),
         _md_table(t["speedup"], ["run", "dataset", "speedup_decode_zlab", "tpot_dflash_zlab_ms",
                                  "tpot_baseline_zlab_ms", "speedup_decode_only", "speedup_e2e", "lossless",
-                                 "diverged", "backend", "hardware", "source"]),
+                                 "diverged", "backend", "hardware", "baseline_hardware", "source", "baseline"]),
         "## Training",
         _md_table(t["training"], ["run", "steps", "schedule_steps", "global_batch", "planned_global_batch", "samples",
                                   "epochs", "final_loss", "final_acc", "samples_per_s", "wall_s", "gpu_hours",

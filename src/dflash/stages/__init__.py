@@ -47,6 +47,10 @@ class Stage:
     when: Callable = _all        # (run) -> whether the run plans this stage
     per_dataset: bool = False    # one instance per dataset entry of the phase
     threads: int = 1             # CPU threads of the job (GPU stages: see resources)
+    resources: str | None = None  # the `resources.<stage>` entry its jobs use (default: its own name)
+    since: tuple[str, int] | None = None   # (stage, version): planned only where that stage has at least that
+                                           # format version (an older tree keeps its older layout)
+    engine: bool = False         # per-dataset instances that share all but the dataset share one engine (one job)
 
     def reads_from(self) -> set[str]:
         """Every stage name its upstream entries mention."""
@@ -63,6 +67,15 @@ def _prepare(run: dict, phase, ds=None) -> dict:
     if data["exclude_benchmarks"]:
         data["benchmarks"] = phase.datasets
     return {"data": data}
+
+
+# bench fields that change neither the target's output nor its timing (the baseline does not read them)
+DRAFT_ONLY = ("block_size", "baseline")
+
+
+def _baseline(run: dict, phase, ds=None) -> dict:
+    bench = {k: v for k, v in _engine_options(run["bench"]).items() if k not in DRAFT_ONLY}
+    return {"bench": bench, "dataset": ds}
 
 
 def _bench(run: dict, phase, ds=None) -> dict:
@@ -96,14 +109,24 @@ STAGES: tuple[Stage, ...] = (
           when=trained),
     Stage("convert", 1, ("train",), "`convert`", "`model.safetensors` + `config.json` (z-lab / SGLang format)",
           lambda run, phase, ds=None: {"convert": run["convert"]}, when=trained),
-    # bench 2: the hf and fast loops stop as z-lab's dflash_generate (one more step when exactly max_new_tokens are
-    # committed, one step after a first token that is EOS; the target-only baseline likewise): accept lengths are
-    # z-lab's
-    Stage("bench", 2, ("convert?", "target"),
+    # baseline: the target-only decode of one dataset, shared by every run and phase with the same target, dataset
+    # and decoding settings (nothing of the drafter); bench 2 reads it (bench 1 decoded its own baseline)
+    Stage("baseline", 1, ("target",),
+          "`bench` without `block_size` and `baseline` (engine and its options, dtype, device, max new tokens, "
+          "temperature, seed, system prompt, thinking), one dataset entry",
+          "`records.jsonl` (target-only, per request), `summary.json`", _baseline,
+          when=lambda run: run["bench"]["baseline"], per_dataset=True, resources="bench", since=("bench", 2),
+          engine=True),
+    # bench 2: the baseline comes from the baseline stage; records hold `verify_steps`; one engine per run; the hf
+    # and fast loops stop as z-lab's dflash_generate (one more step when exactly max_new_tokens are committed, one
+    # step after a first token that is EOS; the baseline likewise): accept lengths are z-lab's
+    Stage("bench", 2, ("convert?", "target", "baseline?"),
           "`bench`, one dataset entry (`drafter.pretrained`: its files' sha256, or hub id and revision)",
-          "`records.jsonl` (raw, per request), `summary.json`", _bench, per_dataset=True),
+          "`records.jsonl` (raw, per request), `summary.json`", _bench, per_dataset=True, engine=True),
 )
 # One per phase, over every run's train and bench stages; its directory is results/reports/<phase>/.
+# report 2: the tau table's two one-definition columns, the speedup table's baseline and its hardware; one
+# sentence for a phase without references; family averages of two or more sets
 REPORT = Stage("report", 2, ("train", "bench"), "the phase", "`results/reports/<phase>/`",
                lambda run, phase, ds=None: {"phase": phase.name, "references": phase.references,
                                             "external": phase.external})
