@@ -112,7 +112,7 @@ def repo(tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def smoke_repo(tmp_path_factory) -> Path:
-    """The repository copy after `snakemake --cores 2 smoke` ran to the end (about 2-3 minutes on 2 cores)."""
+    """The repository copy after `snakemake --cores 2 smoke` ran to the end (the README's quick start: its time)."""
     repo = copy_repo(tmp_path_factory.mktemp("smoke") / "repo")
     snakemake(repo, "--cores", "2", "smoke")
     return repo
