@@ -79,9 +79,12 @@ environment() {
   export PYTHONPATH="$SITE:$PWD/src" PATH="$SITE/bin:$PATH" PYTHONUNBUFFERED=1 WANDB_SILENT=true
   export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
   mkdir -p "$OUT"
-  { nvidia-smi -L; "$PY" -c 'import torch, transformers, snakemake, ray, wandb; print("torch", torch.__version__,
-    "transformers", transformers.__version__, "snakemake", snakemake.__version__, "ray", ray.__version__,
-    "wandb", wandb.__version__)'; } | tee "$OUT/versions.txt"
+  { nvidia-smi -L; "$PY" -c 'import importlib
+for m in ("torch", "transformers", "snakemake", "ray", "wandb", "gguf"):     # what this step installed of them
+    try:
+        print(m, importlib.import_module(m).__version__)
+    except ImportError:
+        print(m, "not installed")'; } | tee "$OUT/versions.txt"
 }
 
 one_run() {     # one phase under Snakemake in a fresh results tree, then its audit; results kept as results-<phase>
@@ -155,6 +158,31 @@ smoke_sglang() {     # issue 17: the smoke phase's target and drafter served by 
   (cd "$repo" && dflash audit smoke_sglang | tee "$OUT/smoke_sglang.audit.txt"
    python "$here/benchmarks/bench_cost.py" smoke_sglang | tee "$OUT/smoke_sglang.cost.txt"
    tar -czf "$OUT/smoke_sglang.tgz" results/reports results/baseline results/bench results/logs)
+}
+
+smollm2_gpu() {      # issue 24: smollm2_fast (fast engine) and smollm2_sglang (SGLang vs fast) in one results tree
+  environment
+  eval "$(bash benchmarks/sglang_install.sh env)"
+  local t0=$SECONDS n share p
+  n=$(nvidia-smi -L | wc -l)
+  rm -rf results .snakemake "$OUT/published"
+  # 1. up to the drafters: on one GPU, the GPU jobs (regeneration, the trainings) share it, 3 at a time, as the
+  #    smollm2 timings were taken; with more GPUs, one job per GPU (local GPU slots)
+  share=(); [ "$n" = 1 ] && share=(env CUDA_VISIBLE_DEVICES=0)
+  "${share[@]}" snakemake smollm2_fast smollm2_sglang --until convert --cores "$(nproc)" \
+    --resources gpu=$(( n == 1 ? 3 : n )) --keep-going > "$OUT/smollm2_build.snakemake.log" 2>&1 \
+    || tail -40 "$OUT/smollm2_build.snakemake.log"
+  echo "smollm2 build (target .. convert): $((SECONDS - t0)) s"
+  # 2. baselines and benches, one job per GPU: each timing has its GPU to itself
+  snakemake smollm2_fast smollm2_sglang --cores "$(nproc)" --resources gpu="$n" --keep-going \
+    > "$OUT/smollm2_bench.snakemake.log" 2>&1 || tail -40 "$OUT/smollm2_bench.snakemake.log"
+  echo "smollm2 build + bench: $((SECONDS - t0)) s"
+  for p in smollm2_fast smollm2_sglang; do         # published outside the checkout (a device call re-copies it)
+    dflash publish "$p" "$OUT/published/$p" && dflash audit "$p" --results "$OUT/published/$p" | tee "$OUT/$p.audit.txt"
+    "$PY" benchmarks/bench_cost.py "$p" > "$OUT/$p.bench_cost.txt" 2>&1; cat "$OUT/$p.bench_cost.txt"
+  done
+  tar -C "$OUT/published" -czf "$OUT/smollm2-published.tgz" smollm2_fast smollm2_sglang
+  tar -czf "$OUT/smollm2-logs.tgz" results/logs $(ls -d results/bench/*/server*.log 2>/dev/null)
 }
 
 KEEP=/tmp/dflash-gpu          # outlives a call: the device empties $OUT before each command
