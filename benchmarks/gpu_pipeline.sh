@@ -82,7 +82,7 @@ environment() {
   { nvidia-smi -L; "$PY" -c 'import importlib
 for m in ("torch", "transformers", "snakemake", "ray", "wandb", "gguf"):     # what this step installed of them
     try:
-        print(m, importlib.import_module(m).__version__)
+        print(m, getattr(importlib.import_module(m), "__version__", "installed"))
     except ImportError:
         print(m, "not installed")'; } | tee "$OUT/versions.txt"
 }
@@ -209,4 +209,7 @@ wait_background() {  # until every background step has exited or WAIT_S (default
   tar -C "$KEEP" -czf "$OUT/background.tgz" .
 }
 
-for step in "$@"; do "$step"; done
+case "${1:-}" in
+  background) shift; background "$@" ;;       # the steps named after it run in the background
+  *) for step in "$@"; do "$step"; done ;;
+esac
