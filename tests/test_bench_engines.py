@@ -283,7 +283,7 @@ def test_pretrained_values_and_keys_offline(tmp_path):
     for run in ("local", "hub"):
         assert set(plans[run].keys) == {"target"} and plans[run].keys["target"] == plans["trained"].keys["target"]
         inst = reg.get("bench", plans[run].bench["synthetic_math"])
-        assert inst.upstream == {"target": plans[run].keys["target"]}
+        assert set(inst.upstream) == {"target", "baseline"} and inst.upstream["target"] == plans[run].keys["target"]
     assert reg.get("bench", plans["local"].bench["synthetic_math"]).config["drafter"] == ident
     (phases / "q.yaml").write_text(json.dumps({"datasets": [{"name": "synthetic_math"}],
                                                "defaults": {"drafter": {"pretrained": str(tmp_path / "none")}}}))

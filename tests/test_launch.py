@@ -81,8 +81,9 @@ def test_resources_reach_snakemake_through_one_function():
     profile = (ROOT / "workflow/profiles/slurm/config.yaml").read_text()
     assert "default-resources" not in profile and "__import__" not in profile
     common = (ROOT / "rules/common.smk").read_text()
-    assert "slurm_resources(" in common and all("**job_resources(" in p.read_text()
-                                                for p in (ROOT / "rules").glob("*.smk") if p.name != "common.smk")
+    assert "slurm_resources(" in common and all(("**job_resources(" in t or "in engine_jobs(" in t)
+                                                for p in (ROOT / "rules").glob("*.smk") if p.name != "common.smk"
+                                                for t in [p.read_text()])
 
 
 # ---- launch commands ----------------------------------------------------------------------------------------------
@@ -217,8 +218,10 @@ echo "$RANK/$WORLD_SIZE $*" >> {tmp_path}/ranks.out
     assert sorted((tmp_path / "ranks.out").read_text().splitlines()) == ["0/2 stage train abc", "1/2 stage train abc"]
 
 
-def test_launch_run_execs(monkeypatch, capsys):
+def test_launch_run_execs(monkeypatch, capsys, tmp_path):
     class Reg:
+        results = Results(tmp_path / "results")
+
         def get(self, stage, key):
             return type("I", (), {"resources_for": lambda self, phase: {"gpus": 8}})()
 
@@ -230,6 +233,7 @@ def test_launch_run_execs(monkeypatch, capsys):
     assert seen == [["torchrun", "--standalone", "--nnodes=1", "--nproc-per-node=8", "--no-python", "dflash",
                      "stage", "train", "abc"]]
     assert "torchrun --standalone" in capsys.readouterr().err
+    assert Reg.results.lock_file("train", "abc").exists()                   # held across the exec
 
 
 # ---- profiles -----------------------------------------------------------------------------------------------------

@@ -321,7 +321,7 @@ def test_published_results_audit_clean_and_show_the_recipe_gap():
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.splitlines()[0].endswith(": OK")
-    assert "note: built by earlier format versions of stage train (1; now 2)" in proc.stdout   # issue 14's train v2
+    assert "stage train (1; now 3)" in proc.stdout       # train v2 (issue 14), v3 (the loss normalisation)
     rows = list(csv.DictReader(open(pub / "reports" / "smollm2" / "tables" / "tau.csv")))
     tau = {(r["run"], r["dataset"]): float(r["tau"]) for r in rows if r["source"].startswith("bench/")}
     datasets = {d for _, d in tau}

@@ -39,7 +39,7 @@ def test_status_shows_done_running_and_waiting(repo):
         builder.wait()
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0] == "phase smoke: 1 done, 2 running, 7 waiting (logs: results/logs/<stage>/<key>.log)"
+    assert lines[0] == "phase smoke: 1 done, 2 running, 10 waiting (logs: results/logs/<stage>/<key>.log)"
     running = next(line for line in lines if line.split()[:2] == ["running", "train"])
     assert f"pid {builder.pid}" in running and running.endswith("train:  41%|####      | 93/226 [00:31<00:44]")
     assert rows["target"]["state"] == "done" and rows["tokenize"]["state"] == "waiting"
