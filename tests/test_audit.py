@@ -4,6 +4,8 @@ import csv
 import json
 import re
 import shutil
+import subprocess
+import sys
 import zipfile
 
 import pytest
@@ -94,14 +96,16 @@ def test_an_edited_provenance_config_fails(audited):
 
 def test_audit_without_a_report(repo):
     proc = dflash(repo, "audit", "smoke")
-    assert proc.returncode == 1 and "no report" in proc.stdout
+    assert proc.returncode == 2 and "no report" in proc.stderr and "snakemake smoke" in proc.stderr
 
 
 def test_gc_lists_and_removes_only_unreferenced(repo):
     plan = json.loads(dflash(repo, "plan", "smoke", "--json").stdout)
     used = repo / next(r["dir"] for r in plan if r["stage"] == "train")
     res = repo / "results"
-    unused = [res / "train" / "0123456789ab", res / "bench" / ".tmp-0123456789ab-77", res / "reports" / "gone",
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()                        # a pid no process has now
+    unused = [res / "train" / "0123456789ab", res / "bench" / f".tmp-0123456789ab-{dead}", res / "reports" / "gone",
               res / "checkpoints" / "train-0123456789ab", res / "phases" / "smoke" / "oldrun",
               res / "logs" / "train" / "0123456789ab.log"]
     keep = [used, res / "checkpoints" / f"train-{used.name}", res / "reports" / "smoke",

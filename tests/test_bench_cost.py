@@ -254,7 +254,7 @@ def test_local_engine_loads_once_per_job_and_stays_lossless(tmp_path, monkeypatc
     model = build_tiny_target(tmp_path / "tgt") / "model"
     target = Qwen3ForCausalLM.from_pretrained(model)
     cfg = DrafterConfig.for_target(target.config, {"num_layers": 1, "num_target_layers": None,
-                                                   "target_layer_ids": None, "block_size": 4,
+                                                   "target_layer_ids": [0], "block_size": 4,   # 2 layers: not L-1
                                                    "intermediate_size": None}, mask_token_id=5)
     drafter = DFlashDrafter(cfg)
     drafter.init_weights(0)

@@ -563,13 +563,13 @@ time.sleep(4)
 
 LOOPBACK_BASE = {
     "target": {"kind": "synthetic", "synthetic": {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
-                                                  "num_layers": 2, "corpus_size": 200, "steps": 4, "batch_size": 8,
+                                                  "num_layers": 3, "corpus_size": 200, "steps": 4, "batch_size": 8,
                                                   "seq_len": 64}},
     "data": {"sources": [{"kind": "synthetic", "n": 96}]},
     "regenerate": {"enabled": False},
     "tokenize": {"max_length": 128, "min_loss_tokens": 4},
     "drafter": {"num_layers": 1, "block_size": 4},
-    "train": {"max_steps": 12, "micro_batch_size": 2, "grad_accum": 2, "num_anchors": 128, "log_every": 1,
+    "train": {"max_steps": 12, "gamma": 7.0, "micro_batch_size": 2, "grad_accum": 2, "num_anchors": 128, "log_every": 1,
               "save_every": 2, "keep_last": 4, "pad_to": "dataset"},
 }
 LOOPBACK_LAYOUTS = {                # phase -> (train overrides, train resources)

@@ -74,7 +74,7 @@ def test_phases_without_mask_id_keep_it_absent():
 def test_mask_id_of_an_unplannable_target_fails_before_the_first_stage_that_loads_it(tmp_path):
     """A synthetic target's rows depend on its trained BPE: the runner checks every run's id before the stage."""
     tcfg = section_defaults("run", {"target": {"synthetic": {"vocab_size": 300, "hidden_size": 16,
-                                                             "intermediate_size": 32, "num_layers": 2, "num_heads": 2,
+                                                             "intermediate_size": 32, "num_layers": 4, "num_heads": 2,
                                                              "num_kv_heads": 1, "corpus_size": 30, "steps": 1,
                                                              "batch_size": 2, "seq_len": 32}}})["target"]
     write_phase(tmp_path, "p", {"target": tcfg, "drafter": {"mask_token_id": 5000}})

@@ -18,7 +18,7 @@ from dflash.plan import rehearsal
 from dflash.plan.config import ConfigError, load_phase
 from dflash.plan.keys import load_registry
 from dflash.plan.paths import REHEARSAL_FILE
-from dflash.stages import prepare
+from dflash.stages import BY_NAME, prepare
 
 QWEN3_PHASES = ("qwen3_8b", *(f"phase_{c}" for c in "abcdefghijk"), "paper")
 OVERLAY = yaml.safe_load(REHEARSAL_FILE.read_text())
@@ -69,7 +69,7 @@ def test_every_substitution_is_recorded_in_the_stages_that_read_it(both, name):
             inst = reg.get(stage, key)
             for path in inst.config["rehearsal"]:
                 section = path.split(".")[0]
-                assert section in inst.config or path == f"resources.{stage}" or \
+                assert section in inst.config or path == f"resources.{BY_NAME[stage].resources or stage}" or \
                     (section, stage) in (("resources", "train"), ("dataset", "bench")), (stage, path)
 
 

@@ -75,10 +75,11 @@ def collect(reg: Registry, locks: Path = LOCKS) -> tuple[list[Path], list[tuple[
             if (stage, key) not in keys:
                 found.append((d, (stage, key)))
     logs = reg.results.logs
+    engine_logs = {(s, e) for s in STAGES for e in reg.engine_groups(s)}   # an engine job's log (rules/common.smk)
     for stage in STAGES:
         if (logs / stage).is_dir():
             found += [(f, (stage, f.name.removesuffix(".log"))) for f in sorted((logs / stage).iterdir())
-                      if (stage, f.name.removesuffix(".log")) not in keys]
+                      if (stage, f.name.removesuffix(".log")) not in keys | engine_logs]
     found += [(f, ("reports", name)) for f, name in by_phase(logs / "report", ".log") if name not in reg.phases]
     remove, skipped = [], []
     for path, owner in found:
