@@ -1,10 +1,21 @@
 """Phase configs: YAML floats, schema errors naming file and field, extends, runs, defaults."""
 
+import json
+
 import pytest
 import yaml
 
 from conftest import dflash, snakemake
-from dflash.plan.config import ConfigError, load_phase
+from dflash.plan.config import (
+    PHASES_DIR,
+    ConfigError,
+    explain,
+    leaves,
+    load_phase,
+    load_yaml,
+    phase_names,
+    read_document,
+)
 
 
 def write(d, name, doc):
@@ -58,6 +69,9 @@ def test_extends_merges_defaults_and_inherits(tmp_path):
     ({"colour": 1}, "p.yaml: (top level): unknown key 'colour'"),
     ({"defaults": {"train": {"lr": 1.0e-4, "min_lr": 1.0e-3}}}, "runs.main.train.min_lr: must be <="),
     ({"extends": "nope"}, "p.yaml: extends: phase file"),
+    ({"runs": {"a": {"extends": "b"}}}, "p.yaml: runs.a.extends: 'b' is not a run of this phase (runs: a)"),
+    ({"runs": {"a": {"extends": "b"}, "b": {"extends": "a"}}}, "p.yaml: runs.b.extends: cycle a -> b -> a"),
+    ({"defaults": {"extends": "a"}}, "p.yaml: defaults.extends: only a run (under runs:) extends another run"),
     ({"defaults": {"target": {"synthetic": {"num_layers": 6}}, "drafter": {"target_layer_ids": [1, 5]}}},
      "p.yaml: runs.main.drafter.target_layer_ids: [1, 5] include layer 5, the target's last: training reads it "
      "before the final norm"),
@@ -72,6 +86,55 @@ def test_bad_config_names_file_and_field(tmp_path, doc, message):
     with pytest.raises(ConfigError) as e:
         load_phase("p", tmp_path)
     assert message in str(e.value)
+
+
+def test_a_run_extends_another_run_of_its_phase(tmp_path):
+    write(tmp_path, "p", {"defaults": {"train": {"lr": 1e-3}}, "datasets": DATASETS,
+                          "runs": {"long": {"train": {"epochs": 5, "lr": 2e-3}},
+                                   "long_wsd": {"extends": "long", "train": {"schedule": "wsd"}}}})
+    runs = load_phase("p", tmp_path).runs
+    assert (runs["long_wsd"]["train"]["epochs"], runs["long_wsd"]["train"]["lr"]) == (5, 2e-3)
+    assert runs["long_wsd"]["train"]["schedule"] == "wsd" and "extends" not in runs["long_wsd"]
+    where = explain("p", tmp_path)["long_wsd"]
+    assert where["train.epochs"][1].endswith("p.yaml runs.long") and where["train.schedule"][1].endswith(
+        "p.yaml runs.long_wsd")
+
+
+def test_show_names_where_each_value_comes_from(repo):
+    proc = dflash(repo, "show", "phase_k", "--run", "P2-WSD", "--json")
+    assert proc.returncode == 0, proc.stderr
+    got = {p: (v["value"], v["from"]) for p, v in json.loads(proc.stdout)["P2-WSD"].items()}
+    assert got["train.schedule"] == ("wsd", "configs/phases/phase_k.yaml runs.P2-WSD")
+    assert got["data.sources"][1] == "configs/phases/phase_k.yaml runs.P2-baseline"      # through the run's extends
+    assert got["train.min_lr"] == (6e-05, "configs/phases/phase_h.yaml defaults")
+    assert got["train.lr"] == (6e-4, "configs/phases/qwen3_8b.yaml defaults")
+    assert got["train.seed"] == (0, "schema default")
+    assert dflash(repo, "show", "smollm2", "--json").returncode == 0
+    text = dflash(repo, "show", "phase_g").stdout
+    assert text.startswith("phase phase_g: configs/phases/phase_g.yaml extends configs/phases/qwen3_8b.yaml\n")
+    assert any(line.split()[:2] == ["train.grad_accum:", "4"] and
+               line.endswith("# configs/phases/phase_g.yaml defaults") for line in text.splitlines())
+
+
+def test_phase_files_state_only_what_differs():
+    """A phase file sets no value its base phase already has; a run sets no value its phase's defaults (or the run
+    it extends) already give it."""
+    restated = []
+    for name in phase_names():
+        raw = load_yaml(PHASES_DIR / f"{name}.yaml") or {}
+        if "extends" in raw:
+            base = leaves(read_document(raw["extends"], PHASES_DIR)[0].get("defaults", {}))
+            restated += [f"{name} defaults.{p}" for p, v in leaves(raw.get("defaults") or {}).items()
+                         if p in base and base[p] == v]
+        merged = read_document(name, PHASES_DIR)[0]
+        defaults = leaves(merged.get("defaults", {}))
+        for run, override in (raw.get("runs") or {}).items():
+            given = dict(defaults)
+            if (override or {}).get("extends"):
+                given.update(leaves({k: v for k, v in raw["runs"][override["extends"]].items() if k != "extends"}))
+            restated += [f"{name} runs.{run}.{p}" for p, v in leaves(override or {}).items()
+                         if p != "extends" and p in given and given[p] == v]
+    assert not restated
 
 
 def test_extends_cycle(tmp_path):

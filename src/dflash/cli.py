@@ -65,6 +65,30 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_show(args) -> int:
+    from dflash.plan.config import explain, load_phase
+
+    values = explain(args.phase)
+    runs = [args.run] if args.run else list(values)
+    for run in runs:
+        if run not in values:
+            raise InputError(f"phase {args.phase} has no run {run!r} (runs: {', '.join(values)})")
+    if args.json:
+        print(json.dumps({r: {p: {"value": v, "from": w} for p, (v, w) in values[r].items()} for r in runs},
+                         indent=1))
+        return 0
+    phase = load_phase(args.phase)
+    print(f"phase {args.phase}: {' extends '.join(phase.chain)}")
+    print("datasets: " + ", ".join(f"{d['name']} ({d['n']})" if d.get("n") else d["name"] for d in phase.datasets))
+    for run in runs:
+        print(f"run {run}")
+        width = min(72, max(len(p) + len(json.dumps(v)) for p, (v, _) in values[run].items()) + 4)
+        for path, (value, where) in values[run].items():
+            text = f"  {path}: {json.dumps(value)}"
+            print(f"{text:<{width}}  # {where}")
+    return 0
+
+
 def cmd_status(args) -> int:
     from dflash.results import status
 
@@ -256,6 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("phase")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_plan)
+    s = sub.add_parser("show", help="the resolved phase: every run's values (extends merged, defaults filled) and "
+                       "the file, run or default each comes from")
+    s.add_argument("phase")
+    s.add_argument("--run", help="only this run")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_show)
     s = sub.add_parser("status", help="every stage instance of a phase: done, running (pid, elapsed time, its "
                        "log's last progress line) or waiting")
     s.add_argument("phase")

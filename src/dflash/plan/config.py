@@ -199,7 +199,7 @@ class Phase:
     rehearsal: dict | None = None     # a rehearsal's overlay and substitutions (dflash.plan.rehearsal)
 
 
-def _read_document(name: str, phases_dir: Path, seen: tuple[str, ...] = ()) -> tuple[dict, list[str]]:
+def read_document(name: str, phases_dir: Path, seen: tuple[str, ...] = ()) -> tuple[dict, list[str]]:
     path = phases_dir / f"{name}.yaml"
     rel = _display(path)
     if name in seen:
@@ -219,7 +219,7 @@ def _read_document(name: str, phases_dir: Path, seen: tuple[str, ...] = ()) -> t
         raise ConfigError(f"{rel}: extends: {doc['extends']!r} is not a phase name (a file of {_display(phases_dir)}"
                           ", named without .yaml)")
     if "extends" in doc:
-        parent, parent_chain = _read_document(doc["extends"], phases_dir, (*seen, name))
+        parent, parent_chain = read_document(doc["extends"], phases_dir, (*seen, name))
         chain += parent_chain
         merged = {k: v for k, v in parent.items() if k not in ("runs", "description")}
         merged["defaults"] = deep_merge(parent.get("defaults", {}), doc.get("defaults", {}))
@@ -230,6 +230,21 @@ def _read_document(name: str, phases_dir: Path, seen: tuple[str, ...] = ()) -> t
                 merged[key] = parent["runs"]
         doc = merged
     return doc, chain
+
+
+def run_override(runs: dict[str, dict], name: str, where: str, seen: tuple[str, ...] = ()) -> dict:
+    """A run's settings over those of the run it `extends` (a run of the same `runs:`), without `extends`."""
+    run = runs[name]
+    base = run.get("extends")
+    own = {k: v for k, v in run.items() if k != "extends"}
+    if base is None:
+        return own
+    if base not in runs:
+        raise ConfigError(f"{where}: runs.{name}.extends: {base!r} is not a run of this phase (runs: "
+                          f"{', '.join(runs)})")
+    if base in (*seen, name):
+        raise ConfigError(f"{where}: runs.{name}.extends: cycle {' -> '.join((*seen, name, base))}")
+    return deep_merge(run_override(runs, base, where, (*seen, name)), own)
 
 
 def _display(path: Path) -> str:
@@ -258,17 +273,20 @@ def check_name(name: str, phases_dir: Path = PHASES_DIR) -> None:
 def load_phase(name: str, phases_dir: Path = PHASES_DIR) -> Phase:
     check_name(name, phases_dir)
     schema = _schema(SCHEMA_DIR / "phase.schema.yaml")         # read only: fill_defaults copies what it takes
-    doc, chain = _read_document(name, phases_dir)
+    doc, chain = read_document(name, phases_dir)
     src = chain[0]
     if "datasets" not in doc:
         raise ConfigError(f"{src}: datasets: is required (directly or through extends)")
     defaults = doc.get("defaults", {})
+    if "extends" in defaults:
+        raise ConfigError(f"{src}: defaults.extends: only a run (under runs:) extends another run")
+    overrides = doc.get("runs") or {"main": {}}
     runs = {}
-    for run_name, override in (doc.get("runs") or {"main": {}}).items():
+    for run_name in overrides:
         if len(run_name) > MAX_NAME:
             raise ConfigError(f"{src}: runs: the run name {run_name[:20]}... is {len(run_name)} characters long; at "
                               f"most {MAX_NAME} (it names result folders)")
-        full = fill_run(deep_merge(defaults, override))
+        full = fill_run(deep_merge(defaults, run_override(overrides, run_name, src)))
         validate(full, f"{src}: runs.{run_name}", "run")
         check_run(full, f"{src}: runs.{run_name}")
         runs[run_name] = full
@@ -277,6 +295,58 @@ def load_phase(name: str, phases_dir: Path = PHASES_DIR) -> Phase:
     return Phase(name=name, file=src, description=doc.get("description", ""), runs=runs,
                  datasets=[fill_defaults(d, schema["$defs"]["dataset"], schema) for d in doc["datasets"]],
                  references=list(doc.get("references", [])), external=dict(doc.get("external", {})), chain=chain)
+
+
+def leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted path -> value of every leaf of a mapping (lists and empty mappings are leaves)."""
+    if isinstance(node, dict) and node:
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(leaves(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: node} if prefix else {}
+
+
+def explain(name: str, phases_dir: Path = PHASES_DIR) -> dict[str, dict[str, tuple[Any, str]]]:
+    """Every resolved value of every run of a phase and where it comes from: {run: {path: (value, origin)}}. The
+    origin is a phase file (`<file> defaults` or `<file> runs.<run>`, the last file of the `extends` chain that
+    sets it), `schema default`, or `paper gamma` (`train.gamma` from the block size)."""
+    phase = load_phase(name, phases_dir)
+    docs: list[tuple[str, dict]] = []               # (file, raw document), the base phase first
+    cur: str | None = name
+    while cur is not None:                          # load_phase has checked the chain
+        path = phases_dir / f"{cur}.yaml"
+        doc = load_yaml(path) or {}
+        docs.insert(0, (_display(path), doc))
+        cur = doc.get("extends")
+    runs_file, run_docs = next(((rel, doc["runs"]) for rel, doc in reversed(docs) if doc.get("runs")),
+                               (phase.file, {"main": {}}))
+    out = {}
+    for run, full in phase.runs.items():
+        origin: dict[str, str] = {}
+        for rel, doc in docs:
+            origin.update({p: f"{rel} defaults" for p in leaves(doc.get("defaults") or {})})
+        chain, cur = [run], (run_docs.get(run) or {}).get("extends")
+        while cur is not None:                     # a run's own settings over those of the runs it extends
+            chain.append(cur)
+            cur = (run_docs.get(cur) or {}).get("extends")
+        for r in reversed(chain):
+            own = {k: v for k, v in (run_docs.get(r) or {}).items() if k != "extends"}
+            origin.update({p: f"{runs_file} runs.{r}" for p in leaves(own)})
+        values = leaves(full)
+        out[run] = {}
+        for path, value in values.items():
+            where = next((origin[q] for q in _prefixes(path) if q in origin), None)
+            if where is None:
+                where = "paper gamma" if path == "train.gamma" and value is not None else "schema default"
+            out[run][path] = (value, where)
+    return out
+
+
+def _prefixes(path: str) -> list[str]:
+    """`a.b.c` -> [`a.b.c`, `a.b`, `a`]: a value set as a whole list or mapping covers the paths below it."""
+    parts = path.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
 
 
 # The loss decay's gamma per block size, from the DFlash paper's training recipe (arXiv 2602.06036: "gamma = 7 for
