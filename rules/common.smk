@@ -12,7 +12,7 @@ from dflash.launch.slurm import load_cluster, slurm_resources, stage_resources
 from dflash.plan import availability
 from dflash.plan.keys import REHEARSAL_ENV, canonical_json, load_registry
 from dflash.plan.rehearsal import PREFIX as REHEARSAL
-from dflash.stages import BY_NAME
+from dflash.plan.stages import BY_NAME
 
 if data_root.CONFIG in config:  # `--config data_root=DIR`: the data root of this run and its jobs
     os.environ[data_root.ENV] = str(Path(str(config[data_root.CONFIG])).resolve())

@@ -20,8 +20,9 @@ from dflash.data import root as data_root
 from dflash.data.benchmarks import DATASETS, FAMILIES, SYNTHETIC_PREFIX
 from dflash.errors import ConfigError
 from dflash.plan import pretrained
+from dflash.plan.fit import layer_ids_problem, mask_id_problem
 from dflash.plan.paths import PHASES_DIR, SCHEMA_DIR
-from dflash.stages import BY_NAME, trained
+from dflash.plan.stages import BY_NAME, trained
 
 # A phase name is a Snakemake rule name and reaches shell commands: a plain identifier, not a rule of the workflow.
 PHASE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
@@ -416,27 +417,11 @@ def known_target_layers(target: dict) -> int | None:
     return None
 
 
-def layer_ids_problem(ids: list[int], layers: int | None) -> str | None:
-    """Why feature layers `ids` do not fit an `layers`-layer target, or None. The last layer (layers - 1) is refused:
-    training reads each feature layer's decoder output (a forward hook, before the final norm), while for the last
-    layer HF's `output_hidden_states` (the bench engines, z-lab's loop) and SGLang give the state after the final
-    norm, so a drafter trained on it would be served a different tensor; z-lab's layer rule never picks it."""
-    if layers is None:
-        return None
-    if len(set(ids)) != len(ids) or max(ids) >= layers:
-        return f"{ids} must be distinct layers of the {layers}-layer target"
-    if max(ids) == layers - 1:
-        return (f"{ids} include layer {layers - 1}, the target's last: training reads it before the final norm, HF's "
-                f"output_hidden_states and SGLang after it (z-lab's layer rule never picks it); use layers below "
-                f"{layers - 1}")
-    return None
-
-
 def check_mask_id(mask_id: int, rows: int | None, where: str) -> None:
     """`drafter.mask_token_id` must be a row of the target's embedding (`where`: the drafter section's location)."""
-    if rows is not None and not 0 <= mask_id < rows:
-        raise ConfigError(f"{where}.mask_token_id: {mask_id} is outside the target's {rows} embedding rows "
-                          f"(ids 0..{rows - 1})")
+    problem = mask_id_problem(mask_id, rows)
+    if problem:
+        raise ConfigError(f"{where}.mask_token_id: {problem}")
 
 
 def _check_references(doc: dict, where: str) -> None:

@@ -19,7 +19,7 @@ from dflash.errors import ConfigError
 from dflash.plan import pretrained
 from dflash.plan.config import Phase, check_run, fill_run, load_phase, load_yaml, validate
 from dflash.plan.paths import PHASES_DIR, REHEARSAL_FILE
-from dflash.stages import NAMES as STAGES
+from dflash.plan.stages import NAMES as STAGES
 
 PREFIX = "rehearsal/"
 STAGE_SECTION = {"data_parallel": "resources.train"}     # a stage config key that is derived from another section

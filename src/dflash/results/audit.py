@@ -31,10 +31,10 @@ from dflash.data import references as refs
 from dflash.data import root as data_root
 from dflash.data.benchmarks import FAMILIES, family
 from dflash.plan.keys import Registry, RunPlan, build, stage_key, upstream_pairs
+from dflash.plan.stages import BY_NAME, REPORT
+from dflash.plan.stages import NAMES as STAGES
 from dflash.results import provenance, publish
 from dflash.results import report as rep
-from dflash.stages import BY_NAME, REPORT
-from dflash.stages import NAMES as STAGES
 
 KEY = re.compile(r"^[0-9a-f]{12}$")
 SUMMARY_FIELDS = ("n_requests", "n_steps", "tau_macro", "tau_token", "tau_no_bonus", "histogram",

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from dflash.plan.keys import Registry
 from dflash.plan.rehearsal import PREFIX as REHEARSAL
+from dflash.plan.stages import NAMES as STAGES
 from dflash.processes import pid_alive
 from dflash.results.provenance import tmp_owner
-from dflash.stages import NAMES as STAGES
 
 LOCKS = Path(".snakemake/locks")
 

@@ -23,7 +23,7 @@ from dflash.plan.config import Phase
 from dflash.plan.keys import Registry, RunPlan
 from dflash.plan.paths import Results
 from dflash.plan.rehearsal import PREFIX as REHEARSAL
-from dflash.stages import data_parallel
+from dflash.plan.stages import data_parallel
 
 AGG_SOURCE = "mean of the run's per-dataset rows"
 

@@ -21,9 +21,9 @@ from dflash.modeling.target import embedding_rows
 from dflash.plan.config import check_mask_id
 from dflash.plan.keys import Registry, StageInstance
 from dflash.plan.paths import Results
+from dflash.plan.stages import BY_NAME
 from dflash.processes import lock_holder, try_lock
 from dflash.results import provenance, publish
-from dflash.stages import BY_NAME
 
 
 def log(msg: str) -> None:
