@@ -139,12 +139,36 @@ def test_no_private_names_across_modules():
 
 
 def test_every_stage_has_a_module_and_a_rule_and_the_readme_shows_the_table():
+    """Each stage's code is dflash.stages.<name>; its rules come from the table (rules/stages.smk loops over STAGES,
+    rules/report.smk holds the report's); the README shows the table as `dflash stages` prints it."""
     from dflash.plan.stages import REPORT, STAGES, markdown_table
 
     for st in (*STAGES, REPORT):
         assert f"dflash.stages.{st.name}" in MODULES, st.name
-        assert (ROOT / "rules" / f"{st.name}.smk").is_file(), st.name
+    snakefile = (ROOT / "Snakefile").read_text()
+    assert 'include: "rules/stages.smk"' in snakefile and 'include: "rules/report.smk"' in snakefile
+    rules = (ROOT / "rules" / "stages.smk").read_text()
+    assert "for s in STAGES if not s.engine" in rules and "for s in STAGES if s.engine" in rules
+    assert not [p.name for p in (ROOT / "rules").glob("*.smk") if p.stem in {s.name for s in STAGES}]
     assert markdown_table() in (ROOT / "README.md").read_text()
+
+
+def test_the_schema_has_a_resources_entry_per_stage_of_the_table():
+    from dflash.plan.config import load_schema
+    from dflash.plan.stages import RESOURCE_ENTRIES, STAGES
+
+    run = load_schema()["$defs"]["run"]["properties"]
+    assert tuple(run["resources"]["properties"]) == RESOURCE_ENTRIES
+    assert set(RESOURCE_ENTRIES) <= {s.name for s in STAGES}
+
+
+def test_every_report_file_has_a_caption():
+    """rules/report.smk names the report's outputs from TABLES and FIGURES, each with workflow/report/<name>.rst."""
+    from dflash.results.report import FIGURES, REFERENCE_TABLES, TABLES
+
+    assert set(REFERENCE_TABLES) <= set(TABLES)
+    names = [*TABLES, *(f"{n}_fig" if n in TABLES else n for n in (f.removesuffix(".png") for f in FIGURES))]
+    assert all((ROOT / "workflow" / "report" / f"{n}.rst").is_file() for n in ["report", *names]), names
 
 
 def test_tests_copy_the_same_files_from_a_plain_source_copy(monkeypatch):

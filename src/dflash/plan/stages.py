@@ -52,6 +52,7 @@ class Stage:
     since: tuple[str, int] | None = None   # (stage, version): planned only where that stage has at least that
                                            # format version (an older tree keeps its older layout)
     engine: bool = False         # per-dataset instances that share all but the dataset share one engine (one job)
+    launch: bool = False         # its jobs run through `dflash launch` (torchrun, srun, Ray, as its resources ask)
 
     def reads_from(self) -> set[str]:
         """Every stage name its upstream entries mention."""
@@ -107,7 +108,7 @@ STAGES: tuple[Stage, ...] = (
           "`drafter.pt`, `metrics.jsonl`, `summary.json`",
           lambda run, phase, ds=None: {"drafter": run["drafter"], "train": run["train"],
                                        "data_parallel": data_parallel(run["resources"].get("train", {}))},
-          when=trained),
+          when=trained, launch=True),
     Stage("convert", 1, ("train",), "`convert`", "`model.safetensors` + `config.json` (z-lab / SGLang format)",
           lambda run, phase, ds=None: {"convert": run["convert"]}, when=trained),
     # baseline: the target-only decode of one dataset, shared by every run and phase with the same target, dataset
@@ -133,6 +134,8 @@ REPORT = Stage("report", 2, ("train", "bench"), "the phase", "`results/reports/<
                                             "external": phase.external})
 
 BY_NAME = {s.name: s for s in (*STAGES, REPORT)}
+# the `resources.<entry>` names of a run's phase file (workflow/schemas/phase.schema.yaml lists the same)
+RESOURCE_ENTRIES = tuple(dict.fromkeys(s.resources or s.name for s in STAGES))
 NAMES = tuple(s.name for s in STAGES)
 
 

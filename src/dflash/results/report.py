@@ -46,6 +46,7 @@ REF_COLS = ["reference", "role", "source", "label", "target_model", "method", "t
             "metric", "value", "note"]
 TABLES = {"tau": TAU_COLS, "speedup": SPEED_COLS, "training": TRAIN_COLS, "deltas": DELTA_COLS,
           "references": REF_COLS}
+REFERENCE_TABLES = ("deltas", "references")    # the tables of published numbers (Snakemake's report groups them)
 # the columns of reports of format version 1 (before the baseline stage and the two tau definitions)
 TABLES_V1 = {**TABLES, "tau": [c for c in TAU_COLS if c not in ("tau_tokens_per_step", "tau_new_per_step")],
              "speedup": [c for c in SPEED_COLS if c not in ("baseline_hardware", "baseline")]}
