@@ -22,7 +22,7 @@ from dflash.errors import ConfigError
 from dflash.plan import pretrained
 from dflash.plan.fit import layer_ids_problem, mask_id_problem
 from dflash.plan.paths import PHASES_DIR, SCHEMA_DIR
-from dflash.plan.stages import BY_NAME, trained
+from dflash.plan.stages import BY_NAME, builds_drafter
 
 # A phase name is a Snakemake rule name and reaches shell commands: a plain identifier, not a rule of the workflow.
 PHASE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
@@ -316,12 +316,12 @@ def check_run(run: dict, where: str) -> None:
         raise ConfigError(f"{where}.drafter.mask_token_id: give drafter.mask_token or drafter.mask_token_id, not both")
     if "mask_token_id" in dr:
         check_mask_id(dr["mask_token_id"], known_embedding_rows(t), f"{where}.drafter")
-    if dr.get("target_layer_ids") and trained(run):
+    if dr.get("target_layer_ids") and builds_drafter(run):
         problem = layer_ids_problem(dr["target_layer_ids"], known_target_layers(t))
         if problem:
             raise ConfigError(f"{where}.drafter.target_layer_ids: {problem}")
     tr = run["train"]
-    if tr["gamma"] is None and trained(run):
+    if tr["gamma"] is None and builds_drafter(run):
         raise ConfigError(f"{where}.train.gamma: required for drafter.block_size {dr['block_size']} (the DFlash paper "
                           f"gives gamma for block sizes {', '.join(map(str, sorted(PAPER_GAMMA)))} only)")
     if tr["min_lr"] > tr["lr"]:

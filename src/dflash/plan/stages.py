@@ -18,8 +18,9 @@ def _all(run: dict) -> bool:
     return True
 
 
-def trained(run: dict) -> bool:
-    """Whether the run trains its drafter (False: `drafter.pretrained` names a published one, benched as it is)."""
+def builds_drafter(run: dict) -> bool:
+    """Whether the run builds its own drafter through the data and train stages (False: `drafter.pretrained` names a
+    published one, benched as it is). A `train.untrained` run builds one too, with no optimisation step."""
     return "pretrained" not in run["drafter"]
 
 
@@ -54,7 +55,7 @@ class Stage:
     engine: bool = False         # per-dataset instances that share all but the dataset share one engine (one job)
     launch: bool = False         # its jobs run through `dflash launch` (torchrun, srun, Ray, as its resources ask)
 
-    def reads_from(self) -> set[str]:
+    def upstream_names(self) -> set[str]:
         """Every stage name its upstream entries mention."""
         return {name for entry in self.upstream for name in alternatives(entry)}
 
@@ -82,7 +83,7 @@ def _baseline(run: dict, phase, ds=None) -> dict:
 
 def _bench(run: dict, phase, ds=None) -> dict:
     config = {"bench": _engine_options(run["bench"]), "dataset": ds}
-    if not trained(run):
+    if not builds_drafter(run):
         config["drafter"] = pretrained.identity(run["drafter"]["pretrained"])
     return config
 
@@ -91,14 +92,14 @@ STAGES: tuple[Stage, ...] = (
     Stage("target", 1, (), "`target`", "model + tokenizer (or a pointer to a local path / hub id)",
           lambda run, phase, ds=None: {"target": run["target"]}, threads=2),
     Stage("prepare", 1, (), "`data` (+ the phase's datasets, to drop benchmark prompts)", "`conversations.jsonl`",
-          _prepare, when=trained),
+          _prepare, when=builds_drafter),
     Stage("regenerate", 1, ("prepare", "target"), "`regenerate`",
           "`conversations.jsonl` with the target's answers",
           lambda run, phase, ds=None: {"regenerate": _engine_options(run["regenerate"])},
-          when=lambda run: trained(run) and run["regenerate"]["enabled"], threads=2),
+          when=lambda run: builds_drafter(run) and run["regenerate"]["enabled"], threads=2),
     Stage("tokenize", 1, ("regenerate|prepare", "target"), "`tokenize`",
           "`tokens.pt` with the assistant-only loss mask", lambda run, phase, ds=None: {"tokenize": run["tokenize"]},
-          when=trained),
+          when=builds_drafter),
     # train 2: anchors need the loss mask at p and p + 1 and blocks may run past the row end (SpecForge's rule,
     # was: room for a whole block); AdamW betas (0.9, 0.999) as SpecForge (was 0.9, 0.95). train 3: the loss is
     # normalised by the weight sum over all micro-batches and ranks of a step, as SpecForge (was: the mean of each
@@ -108,9 +109,9 @@ STAGES: tuple[Stage, ...] = (
           "`drafter.pt`, `metrics.jsonl`, `summary.json`",
           lambda run, phase, ds=None: {"drafter": run["drafter"], "train": run["train"],
                                        "data_parallel": data_parallel(run["resources"].get("train", {}))},
-          when=trained, launch=True),
+          when=builds_drafter, launch=True),
     Stage("convert", 1, ("train",), "`convert`", "`model.safetensors` + `config.json` (z-lab / SGLang format)",
-          lambda run, phase, ds=None: {"convert": run["convert"]}, when=trained),
+          lambda run, phase, ds=None: {"convert": run["convert"]}, when=builds_drafter),
     # baseline: the target-only decode of one dataset, shared by every run and phase with the same target, dataset
     # and decoding settings (nothing of the drafter); bench 2 reads it (bench 1 decoded its own baseline)
     Stage("baseline", 1, ("target",),
@@ -136,7 +137,7 @@ REPORT = Stage("report", 2, ("train", "bench"), "the phase", "`results/reports/<
 BY_NAME = {s.name: s for s in (*STAGES, REPORT)}
 # the `resources.<entry>` names of a run's phase file (workflow/schemas/phase.schema.yaml lists the same)
 RESOURCE_ENTRIES = tuple(dict.fromkeys(s.resources or s.name for s in STAGES))
-NAMES = tuple(s.name for s in STAGES)
+STAGE_NAMES = tuple(s.name for s in STAGES)
 
 
 def markdown_table() -> str:

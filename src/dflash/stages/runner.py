@@ -72,7 +72,7 @@ class Context:
 def verify_inputs(results: Results, inst: StageInstance) -> dict[str, str]:
     """Check the output files of the upstream stages this stage reads against the sha256 their provenance records;
     the checksums of what it reads: '<stage>/<key>' (the provenance.json) and '<stage>/<key>/<file>'."""
-    reads = BY_NAME[inst.stage].reads_from()
+    reads = BY_NAME[inst.stage].upstream_names()
     omitted = publish.omitted_files(results.root)          # weights a published tree leaves out
     inputs = {}
     for stage, key in inst.inputs():
