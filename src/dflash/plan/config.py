@@ -287,8 +287,9 @@ PAPER_GAMMA = {16: 7.0, 10: 5.0, 8: 4.0}
 
 def fill_run(run: dict) -> dict:
     """A run config with the schema's defaults filled; a target kind's own section (`target.qwen3_offline`) only
-    when that kind is chosen (only `synthetic`'s is filled always: older phases' keys hash it); `train.gamma` null
-    becomes the paper's value for the block size (left null for other block sizes: `check_run` names the field)."""
+    when that kind is chosen (only `synthetic`'s is filled always: every key that hashes `target` holds it);
+    `train.gamma` null becomes the paper's value for the block size (left null for other block sizes: `check_run`
+    names the field)."""
     schema = _schema(SCHEMA_DIR / "phase.schema.yaml")
     if (run.get("target") or {}).get("kind") == "qwen3_offline":
         run = {**run, "target": {"qwen3_offline": {}, **run["target"]}}

@@ -26,7 +26,8 @@ def builds_drafter(run: dict) -> bool:
 
 def _engine_options(section: dict) -> dict:
     """A `bench` / `regenerate` section as its stage reads it: the `sglang` options count only with engine sglang,
-    the `fast` ones (bench) only with engine fast; without it they are left out, as before they existed."""
+    the `fast` ones (bench) only with engine fast; with another engine the key holds `sglang: {}` and no `fast`, so
+    an engine's options never change the keys of the others."""
     out = {k: v for k, v in section.items() if k != "fast" or section["engine"] == "fast"}
     return out if section["engine"] == "sglang" else {**out, "sglang": {}}
 
@@ -100,10 +101,11 @@ STAGES: tuple[Stage, ...] = (
     Stage("tokenize", 1, ("regenerate|prepare", "target"), "`tokenize`",
           "`tokens.pt` with the assistant-only loss mask", lambda run, phase, ds=None: {"tokenize": run["tokenize"]},
           when=builds_drafter),
-    # train 2: anchors need the loss mask at p and p + 1 and blocks may run past the row end (SpecForge's rule,
-    # was: room for a whole block); AdamW betas (0.9, 0.999) as SpecForge (was 0.9, 0.95). train 3: the loss is
-    # normalised by the weight sum over all micro-batches and ranks of a step, as SpecForge (was: the mean of each
-    # micro-batch's weighted mean; `train.loss_normalisation: micro_batch_mean`); the summary counts
+    # train format versions, each as the one before but for what it names. 1: an anchor needs room for a whole
+    # block; AdamW betas (0.9, 0.95); the loss is the mean of each micro-batch's weighted mean (the rule of
+    # `train.loss_normalisation: micro_batch_mean`). 2: an anchor needs the loss mask at p and p + 1 and its block
+    # may run past the row end (SpecForge's rule); AdamW betas (0.9, 0.999) as SpecForge. 3: the loss is normalised
+    # by the weight sum over all micro-batches and ranks of a step, as SpecForge; the summary counts
     # `empty_micro_batches`
     Stage("train", 3, ("tokenize", "target"), "`drafter`, `train`, the layout's data-parallel size",
           "`drafter.pt`, `metrics.jsonl`, `summary.json`",
@@ -113,23 +115,25 @@ STAGES: tuple[Stage, ...] = (
     Stage("convert", 1, ("train",), "`convert`", "`model.safetensors` + `config.json` (z-lab / SGLang format)",
           lambda run, phase, ds=None: {"convert": run["convert"]}, when=builds_drafter),
     # baseline: the target-only decode of one dataset, shared by every run and phase with the same target, dataset
-    # and decoding settings (nothing of the drafter); bench 2 reads it (bench 1 decoded its own baseline)
+    # and decoding settings (nothing of the drafter); bench from format version 2 reads it (a version 1 bench
+    # decoded its own baseline)
     Stage("baseline", 1, ("target",),
           "`bench` without `block_size` and `baseline` (engine and its options, dtype, device, max new tokens, "
           "temperature, seed, system prompt, thinking), one dataset entry",
           "`records.jsonl` (target-only, per request), `summary.json`", _baseline,
           when=lambda run: run["bench"]["baseline"], per_dataset=True, resources="bench", since=("bench", 2),
           engine=True),
-    # bench 2: the baseline comes from the baseline stage; records hold `verify_steps`; one engine per run; the hf
-    # and fast loops stop as z-lab's dflash_generate (one more step when exactly max_new_tokens are committed, one
-    # step after a first token that is EOS; the baseline likewise): accept lengths are z-lab's
+    # bench format versions. 1: decodes its own baseline. 2: the baseline comes from the baseline stage; records
+    # hold `verify_steps`; one engine per run; the hf and fast loops stop as z-lab's dflash_generate (one more step
+    # when exactly max_new_tokens are committed, one step after a first token that is EOS; the baseline likewise):
+    # accept lengths are z-lab's
     Stage("bench", 2, ("convert?", "target", "baseline?"),
           "`bench`, one dataset entry (`drafter.pretrained`: its files' sha256, or hub id and revision)",
           "`records.jsonl` (raw, per request), `summary.json`", _bench, per_dataset=True, engine=True),
 )
 # One per phase, over every run's train and bench stages; its directory is results/reports/<phase>/.
-# report 2: the tau table's two one-definition columns, the speedup table's baseline and its hardware; one
-# sentence for a phase without references; family averages of two or more sets
+# report format version 2: the tau table's two one-definition columns, the speedup table's baseline and its
+# hardware; one sentence for a phase without references; family averages of two or more sets
 REPORT = Stage("report", 2, ("train", "bench"), "the phase", "`results/reports/<phase>/`",
                lambda run, phase, ds=None: {"phase": phase.name, "references": phase.references,
                                             "external": phase.external})

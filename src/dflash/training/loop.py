@@ -115,8 +115,9 @@ def train_step_loss(target, drafter, mcfg, ids, lmask, lens, tc, gen, make_block
 
 
 # Loss normalisation (`train.loss_normalisation`; omitted: the first). Every supervised block position weighs the
-# same whatever micro-batch or rank it falls in (SpecForge), or every micro-batch weighs the same (the earlier rule,
-# kept for ablations; with micro batch 1 every sample weighs the same however many positions it supervises).
+# same whatever micro-batch or rank it falls in (SpecForge), or every micro-batch weighs the same (the rule of
+# train format versions 1 and 2, for ablations; with micro batch 1 every sample weighs the same however many
+# positions it supervises).
 DEFAULT_NORMALISATION = "global_weight_sum"
 NORMALISATIONS = {
     "global_weight_sum": "SpecForge specforge/training/controller.py (TrainerCore.train_step backpropagates the sum "
