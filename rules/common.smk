@@ -12,7 +12,8 @@ from dflash.launch.slurm import load_cluster, slurm_resources, stage_resources
 from dflash.plan import availability
 from dflash.plan.keys import REHEARSAL_ENV, canonical_json, load_registry
 from dflash.plan.rehearsal import PREFIX as REHEARSAL
-from dflash.stages import BY_NAME
+from dflash.plan.stages import BY_NAME, STAGES
+from dflash.results.report import FIGURES, REFERENCE_TABLES, TABLES
 
 if data_root.CONFIG in config:  # `--config data_root=DIR`: the data root of this run and its jobs
     os.environ[data_root.ENV] = str(Path(str(config[data_root.CONFIG])).resolve())
@@ -117,6 +118,22 @@ def report_inputs(wildcards):
     return [done(s, k) for s, k in REG.reports[wildcards.phase].inputs() if s in BY_NAME["report"].upstream]
 
 
+def report_outputs():
+    """The report's files, named as in dflash.results.report (TABLES, FIGURES), each with its caption
+    workflow/report/<name>.rst (a figure named like a table: <name>_fig)."""
+    out = {"md": report("results/reports/{phase}/report.md", caption="../workflow/report/report.rst", category="Report")}
+    for name in TABLES:
+        sub = {"subcategory": "References"} if name in REFERENCE_TABLES else {}
+        out[name] = report(f"results/reports/{{phase}}/tables/{name}.csv", caption=f"../workflow/report/{name}.rst",
+                           category="Tables", **sub)
+    for figure in FIGURES:
+        name = figure.removesuffix(".png")
+        name = f"{name}_fig" if name in TABLES else name
+        out[name] = report(f"results/reports/{{phase}}/figures/{figure}", caption=f"../workflow/report/{name}.rst",
+                           category="Figures")
+    return out
+
+
 def report_key(wildcards):
     return REG.report_key(wildcards.phase)
 
@@ -138,7 +155,7 @@ def phase_report(phase):
 def engine_jobs(stage):
     """The jobs of a per-dataset stage: one per engine (`Registry.engine_groups`: the datasets of one run on one
     loaded model or server), each writing every dataset's keyed directory (one output per dataset). Yields
-    (engine key, instance keys, inputs, threads, resources)."""
+    (rule name `<stage>_<engine key>`, engine key, instance keys, inputs, threads, resources)."""
     for engine, keys in REG.engine_groups(stage).items():
         inputs = list(dict.fromkeys(done(s, k) for key in keys for s, k in REG.get(stage, key).inputs()))
         first = REG.get(stage, keys[0])
@@ -146,4 +163,22 @@ def engine_jobs(stage):
         res["runtime"] = res["runtime"] * len(keys)       # `resources.<stage>.runtime` is per dataset
         r = stage_resources(first.resources_for(owner(stage, keys[0])))
         threads = r["cpus_per_gpu"] if r["gpus"] else BY_NAME[stage].threads
-        yield engine, keys, inputs, threads, {k: v for k, v in res.items() if v is not None}
+        yield f"{stage}_{engine}", engine, keys, inputs, threads, {k: v for k, v in res.items() if v is not None}
+
+
+def stage_commands():
+    """The shell commands of the stage rules of rules/stages.smk, by the name of each: `dflash stage <stage> <key>`,
+    or `dflash launch` with the phase whose resources apply for a stage with `launch`; for an engine stage, every
+    instance of one engine in one command (`dflash stage <stage> <keys> --engine <engine key>`)."""
+    out = {}
+    for st in STAGES:
+        if st.engine:
+            for engine in REG.engine_groups(st.name):
+                out[f"{st.name}_{engine}"] = (f"OMP_NUM_THREADS={{threads}} dflash stage {st.name} {{params.instances}} "
+                                              "--engine {params.engine} > {log} 2>&1")
+        elif st.launch:
+            out[st.name] = (f"OMP_NUM_THREADS={{threads}} dflash launch {st.name} {{wildcards.key}} "
+                            "--phase {params.phase:q} > {log} 2>&1")
+        else:
+            out[st.name] = f"OMP_NUM_THREADS={{threads}} dflash stage {st.name} {{wildcards.key}} > {{log}} 2>&1"
+    return out

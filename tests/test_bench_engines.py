@@ -27,8 +27,9 @@ from dflash.plan import pretrained
 from dflash.plan.config import load_phase
 from dflash.plan.keys import build
 from dflash.plan.paths import Results
+from dflash.plan.stages import DRAFT_ONLY
 from dflash.results import audit, report
-from dflash.stages import DRAFT_ONLY, baseline, bench, runner
+from dflash.stages import baseline, bench, runner
 from test_model import _drafter, tiny_target
 
 PROMPT = [5, 17, 3, 42, 8, 9, 11]

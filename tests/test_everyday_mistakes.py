@@ -57,7 +57,7 @@ def _files(root: Path) -> set[str]:
 
 def test_adding_a_phase_that_shares_every_stage_reruns_nothing(smoke_repo):
     """`a_copy` sorts before `smoke` and plans the same stages: which phase's resources a shared job uses is not
-    what decides whether it reruns (it used to rerun train and everything below it, both ways)."""
+    what decides whether it reruns (neither train nor anything below it reruns, either way)."""
     copy = _phase(smoke_repo, "a_copy", (smoke_repo / SMOKE).read_text())
     try:
         proc = snakemake(smoke_repo, "-n", "smoke")

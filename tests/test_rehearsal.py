@@ -18,7 +18,8 @@ from dflash.plan import rehearsal
 from dflash.plan.config import ConfigError, load_phase
 from dflash.plan.keys import load_registry
 from dflash.plan.paths import REHEARSAL_FILE
-from dflash.stages import BY_NAME, prepare
+from dflash.plan.stages import BY_NAME
+from dflash.stages import prepare
 
 QWEN3_PHASES = ("qwen3_8b", *(f"phase_{c}" for c in "abcdefghijk"), "paper")
 OVERLAY = yaml.safe_load(REHEARSAL_FILE.read_text())

@@ -1,4 +1,4 @@
-"""User mistakes that used to destroy work, run a command or pass unnoticed: each case fails clearly now (or is
+"""User mistakes that could destroy work, run a command or pass unnoticed: each case fails clearly (or is
 harmless), with nothing partial left behind."""
 
 from __future__ import annotations

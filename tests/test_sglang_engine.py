@@ -15,9 +15,10 @@ import pytest
 from dflash.decoding import metrics
 from dflash.decoding import sglang as sglang_engine
 from dflash.decoding.sglang import ServerError, ServerSpec, SGLangServer
+from dflash.plan.stages import DRAFT_ONLY
 from dflash.ports import PORT_SPAN, free_ports
 from dflash.processes import pid_alive
-from dflash.stages import DRAFT_ONLY, baseline, bench
+from dflash.stages import baseline, bench
 from dflash.stages.runner import Context
 
 # A stand-in for `python -m sglang.launch_server`: the same HTTP surface (/health_generate, /generate streamed or

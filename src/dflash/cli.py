@@ -132,7 +132,7 @@ def cmd_stage(args) -> int:
 
 
 def cmd_stages(args) -> int:
-    from dflash.stages import markdown_table
+    from dflash.plan.stages import markdown_table
 
     print(markdown_table())
     return 0

@@ -5,10 +5,10 @@ total verification steps (SpecForge). Both include the bonus token; `tau_no_bonu
 Speedups, batch 1, ratios of mean time per output token (baseline over DFlash), with two clocks per request:
 * z-lab's (`speedup_decode_zlab`, what the report shows): decode time from the end of the drafter's first pass over
   the prompt (`decode_s_zlab`; the baseline's from the end of its prefill) over all n output tokens;
-* the project's earlier one (`speedup_decode_only`): decode time from the end of the target's prefill (the first
+* the project's own (`speedup_decode_only`): decode time from the end of the target's prefill (the first
   draft included) over n - 1 tokens (the first comes from prefill);
-end-to-end (`speedup_e2e`) adds prefill to both, over n tokens. Records without `decode_s_zlab` (written before it
-existed, or by SGLang, which has no per-step clock) give no z-lab value.
+end-to-end (`speedup_e2e`) adds prefill to both, over n tokens. Records without `decode_s_zlab` (some of bench
+format version 1; SGLang's, which have no per-step clock) give no z-lab value.
 `diverged` counts the requests whose output differs from the baseline's at T=0 (their record locates the first
 difference: `mismatch`).
 SGLang records have no per-step data: they count with the server's mean (`spec_accept_length`, which also counts the

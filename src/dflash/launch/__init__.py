@@ -1,1 +1,1 @@
-"""Launching: what a job asks the scheduler for, what it runs inside its allocation, Ray Train, profiles."""
+"""Launching: what a job asks the scheduler for, what it runs inside its allocation, profiles."""

@@ -1,7 +1,7 @@
 """What a stage job runs inside its allocation (`dflash launch <stage> <key>`).
 
   R training ranks per node: R = gpus - inference_gpus (1 without GPUs), the data-parallel size that the train key
-  records (dflash.stages.data_parallel); the inference GPUs are allocated but get no rank.
+  records (dflash.plan.stages.data_parallel); the inference GPUs are allocated but get no rank.
 
   R <= 1, one node:        dflash stage <stage> <key>   (either launcher)
   torchrun, one node:      torchrun --standalone --nproc-per-node R --no-python dflash stage <stage> <key>
@@ -29,8 +29,9 @@ from functools import lru_cache
 from pathlib import Path
 
 from dflash.launch.slurm import stage_resources
+from dflash.plan.stages import data_parallel
 from dflash.ports import free_ports
-from dflash.stages import data_parallel, runner
+from dflash.stages import runner
 
 RAY_PORT_NAMES = ("port", "ray-client-server-port", "dashboard-port", "node-manager-port", "object-manager-port",
                   "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",

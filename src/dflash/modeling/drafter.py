@@ -23,7 +23,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from dflash.errors import ConfigError, DataError
 from dflash.plan import pretrained
-from dflash.plan.config import check_mask_id, layer_ids_problem
+from dflash.plan.fit import layer_ids_problem, mask_id_problem
 
 
 def build_target_layer_ids(num_target_layers: int, n: int) -> list[int]:
@@ -118,9 +118,9 @@ class DrafterConfig:
         problem = layer_ids_problem(self.target_layer_ids, t.num_hidden_layers)
         if problem:
             raise DataError(f"{source}: dflash_config.target_layer_ids: {problem}")
-        if not 0 <= self.mask_token_id < t.vocab_size:
-            raise DataError(f"{source}: dflash_config.mask_token_id: {self.mask_token_id} is outside the target's "
-                            f"{t.vocab_size} embedding rows")
+        problem = mask_id_problem(self.mask_token_id, t.vocab_size)
+        if problem:
+            raise DataError(f"{source}: dflash_config.mask_token_id: {problem}")
 
     @classmethod
     def for_target(cls, target_config, drafter_cfg: dict, mask_token_id: int) -> DrafterConfig:
@@ -131,11 +131,11 @@ class DrafterConfig:
         problem = layer_ids_problem(ids, t.num_hidden_layers)
         if problem:
             raise ConfigError(f"drafter.target_layer_ids: {problem}")
-        if drafter_cfg.get("mask_token_id") is not None:
-            check_mask_id(mask_token_id, t.vocab_size, "drafter")
-        elif not 0 <= mask_token_id < t.vocab_size:
-            raise ValueError(f"drafter.mask_token: id {mask_token_id} is outside the target's {t.vocab_size} "
-                             "embedding rows")
+        problem = mask_id_problem(mask_token_id, t.vocab_size)
+        if problem and drafter_cfg.get("mask_token_id") is not None:
+            raise ConfigError(f"drafter.mask_token_id: {problem}")
+        if problem:
+            raise ValueError(f"drafter.mask_token: id {problem}")
         rope = getattr(t, "rope_theta", None) or (getattr(t, "rope_parameters", None) or {}).get("rope_theta", 1e6)
         return cls(hidden_size=t.hidden_size,
                    intermediate_size=drafter_cfg.get("intermediate_size") or t.intermediate_size,

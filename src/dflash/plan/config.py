@@ -20,8 +20,9 @@ from dflash.data import root as data_root
 from dflash.data.benchmarks import DATASETS, FAMILIES, SYNTHETIC_PREFIX
 from dflash.errors import ConfigError
 from dflash.plan import pretrained
+from dflash.plan.fit import layer_ids_problem, mask_id_problem
 from dflash.plan.paths import PHASES_DIR, SCHEMA_DIR
-from dflash.stages import BY_NAME, trained
+from dflash.plan.stages import BY_NAME, builds_drafter
 
 # A phase name is a Snakemake rule name and reaches shell commands: a plain identifier, not a rule of the workflow.
 PHASE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
@@ -356,8 +357,9 @@ PAPER_GAMMA = {16: 7.0, 10: 5.0, 8: 4.0}
 
 def fill_run(run: dict) -> dict:
     """A run config with the schema's defaults filled; a target kind's own section (`target.qwen3_offline`) only
-    when that kind is chosen (only `synthetic`'s is filled always: older phases' keys hash it); `train.gamma` null
-    becomes the paper's value for the block size (left null for other block sizes: `check_run` names the field)."""
+    when that kind is chosen (only `synthetic`'s is filled always: every key that hashes `target` holds it);
+    `train.gamma` null becomes the paper's value for the block size (left null for other block sizes: `check_run`
+    names the field)."""
     schema = _schema(SCHEMA_DIR / "phase.schema.yaml")
     if (run.get("target") or {}).get("kind") == "qwen3_offline":
         run = {**run, "target": {"qwen3_offline": {}, **run["target"]}}
@@ -385,12 +387,12 @@ def check_run(run: dict, where: str) -> None:
         raise ConfigError(f"{where}.drafter.mask_token_id: give drafter.mask_token or drafter.mask_token_id, not both")
     if "mask_token_id" in dr:
         check_mask_id(dr["mask_token_id"], known_embedding_rows(t), f"{where}.drafter")
-    if dr.get("target_layer_ids") and trained(run):
+    if dr.get("target_layer_ids") and builds_drafter(run):
         problem = layer_ids_problem(dr["target_layer_ids"], known_target_layers(t))
         if problem:
             raise ConfigError(f"{where}.drafter.target_layer_ids: {problem}")
     tr = run["train"]
-    if tr["gamma"] is None and trained(run):
+    if tr["gamma"] is None and builds_drafter(run):
         raise ConfigError(f"{where}.train.gamma: required for drafter.block_size {dr['block_size']} (the DFlash paper "
                           f"gives gamma for block sizes {', '.join(map(str, sorted(PAPER_GAMMA)))} only)")
     if tr["min_lr"] > tr["lr"]:
@@ -486,27 +488,11 @@ def known_target_layers(target: dict) -> int | None:
     return None
 
 
-def layer_ids_problem(ids: list[int], layers: int | None) -> str | None:
-    """Why feature layers `ids` do not fit an `layers`-layer target, or None. The last layer (layers - 1) is refused:
-    training reads each feature layer's decoder output (a forward hook, before the final norm), while for the last
-    layer HF's `output_hidden_states` (the bench engines, z-lab's loop) and SGLang give the state after the final
-    norm, so a drafter trained on it would be served a different tensor; z-lab's layer rule never picks it."""
-    if layers is None:
-        return None
-    if len(set(ids)) != len(ids) or max(ids) >= layers:
-        return f"{ids} must be distinct layers of the {layers}-layer target"
-    if max(ids) == layers - 1:
-        return (f"{ids} include layer {layers - 1}, the target's last: training reads it before the final norm, HF's "
-                f"output_hidden_states and SGLang after it (z-lab's layer rule never picks it); use layers below "
-                f"{layers - 1}")
-    return None
-
-
 def check_mask_id(mask_id: int, rows: int | None, where: str) -> None:
     """`drafter.mask_token_id` must be a row of the target's embedding (`where`: the drafter section's location)."""
-    if rows is not None and not 0 <= mask_id < rows:
-        raise ConfigError(f"{where}.mask_token_id: {mask_id} is outside the target's {rows} embedding rows "
-                          f"(ids 0..{rows - 1})")
+    problem = mask_id_problem(mask_id, rows)
+    if problem:
+        raise ConfigError(f"{where}.mask_token_id: {problem}")
 
 
 def _check_references(doc: dict, where: str) -> None:

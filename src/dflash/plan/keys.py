@@ -3,7 +3,7 @@
 key = sha256(canonical JSON of {stage, format version, the config fields the stage reads, upstream keys})[:12].
 A changed value therefore changes the key of the stage that reads it and of everything downstream, and two runs
 (or phases) with equal inputs to a stage share one directory `results/<stage>/<key>/`. What each stage reads and
-which stages feed it is the stage table (`dflash.stages.STAGES`); this module only walks it.
+which stages feed it is the stage table (`dflash.plan.stages.STAGES`); this module only walks it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dflash.errors import ConfigError, InputError
 from dflash.plan import rehearsal
 from dflash.plan.config import Phase, load_phase, phase_names
 from dflash.plan.paths import PHASES_DIR, Results
-from dflash.stages import BY_NAME, REPORT, STAGES, alternatives
+from dflash.plan.stages import BY_NAME, REPORT, STAGES, alternatives
 
 
 def canonical_json(obj) -> str:

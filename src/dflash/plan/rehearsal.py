@@ -19,7 +19,7 @@ from dflash.errors import ConfigError
 from dflash.plan import pretrained
 from dflash.plan.config import Phase, check_run, fill_run, load_phase, load_yaml, validate
 from dflash.plan.paths import PHASES_DIR, REHEARSAL_FILE
-from dflash.stages import NAMES as STAGES
+from dflash.plan.stages import STAGE_NAMES
 
 PREFIX = "rehearsal/"
 STAGE_SECTION = {"data_parallel": "resources.train"}     # a stage config key that is derived from another section
@@ -108,7 +108,7 @@ def _run(run: dict, overlay: dict, where: str) -> tuple[dict, dict]:
     for key, value in overlay["bench"].items():
         rec.set(run["bench"], key, value, f"bench.{key}")
     rec.cap(run["bench"], "max_new_tokens", caps["bench_new_tokens"], "bench.max_new_tokens")
-    for stage in STAGES:
+    for stage in STAGE_NAMES:
         rec.set(run["resources"], stage, overlay["resources"], f"resources.{stage}")
     return run, rec.by_section
 

@@ -31,10 +31,9 @@ from dflash.data import references as refs
 from dflash.data import root as data_root
 from dflash.data.benchmarks import FAMILIES, family
 from dflash.plan.keys import Registry, RunPlan, build, stage_key, upstream_pairs
+from dflash.plan.stages import BY_NAME, REPORT, STAGE_NAMES
 from dflash.results import provenance, publish
 from dflash.results import report as rep
-from dflash.stages import BY_NAME, REPORT
-from dflash.stages import NAMES as STAGES
 
 KEY = re.compile(r"^[0-9a-f]{12}$")
 SUMMARY_FIELDS = ("n_requests", "n_steps", "tau_macro", "tau_token", "tau_no_bonus", "histogram",
@@ -135,7 +134,7 @@ class Auditor:
         for name, digest in prov.get("inputs", {}).items():
             stage, _, rest = name.partition("/")
             key, _, rel = rest.partition("/")
-            if stage in STAGES and KEY.match(key):
+            if stage in STAGE_NAMES and KEY.match(key):
                 p = self.tree.stage_dir(stage, key) / (rel or provenance.PROVENANCE)
                 if rel and not p.is_file() and self.omitted.get(f"{stage}/{key}/{rel}") == digest:
                     continue        # a weights file a published tree left out
@@ -338,7 +337,7 @@ class Auditor:
             for r in rows:
                 stage, _, key = str(r.get("source", "")).partition("/")
                 run, ds = r.get("run", ""), r.get("dataset", "")
-                if stage in STAGES and KEY.match(key):
+                if stage in STAGE_NAMES and KEY.match(key):
                     deps = below(stage, key)
                 elif ds in runs.get(run, {}).get("bench", {}):
                     deps = below("bench", runs[run]["bench"][ds])
@@ -350,7 +349,7 @@ class Auditor:
         base = self.tree.root.parts
         for p in self.result.problems:
             parts = Path(p.path).parts
-            if len(parts) > len(base) + 1 and parts[:len(base)] == base and parts[len(base)] in STAGES:
+            if len(parts) > len(base) + 1 and parts[:len(base)] == base and parts[len(base)] in STAGE_NAMES:
                 ident = (parts[len(base)], parts[len(base) + 1])
                 p.rows = [label for label, deps in row_deps if ident in deps]
 

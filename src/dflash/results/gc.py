@@ -13,9 +13,9 @@ from pathlib import Path
 
 from dflash.plan.keys import Registry
 from dflash.plan.rehearsal import PREFIX as REHEARSAL
+from dflash.plan.stages import STAGE_NAMES
 from dflash.processes import pid_alive
 from dflash.results.provenance import tmp_owner
-from dflash.stages import NAMES as STAGES
 
 LOCKS = Path(".snakemake/locks")
 
@@ -27,7 +27,7 @@ def locked_outputs(locks: Path = LOCKS) -> set[tuple[str, str]]:
         for line in f.read_text(errors="replace").splitlines():
             parts = Path(line.strip()).parts
             for i, part in enumerate(parts[:-1]):
-                if part in (*STAGES, "reports") and i + 1 < len(parts):
+                if part in (*STAGE_NAMES, "reports") and i + 1 < len(parts):
                     out.add((part, parts[i + 1]))
     return out
 
@@ -58,7 +58,7 @@ def collect(reg: Registry, locks: Path = LOCKS) -> tuple[list[Path], list[tuple[
             name = name.removeprefix(".tmp-").rpartition("-")[0]
         return stage, name
 
-    for stage in STAGES:
+    for stage in STAGE_NAMES:
         if (root / stage).is_dir():
             found += [(d, final_of(stage, d)) for d in sorted((root / stage).iterdir())
                       if tmp_owner(d) is not None or (stage, d.name) not in keys]
@@ -75,8 +75,8 @@ def collect(reg: Registry, locks: Path = LOCKS) -> tuple[list[Path], list[tuple[
             if (stage, key) not in keys:
                 found.append((d, (stage, key)))
     logs = reg.results.logs
-    engine_logs = {(s, e) for s in STAGES for e in reg.engine_groups(s)}   # an engine job's log (rules/common.smk)
-    for stage in STAGES:
+    engine_logs = {(s, e) for s in STAGE_NAMES for e in reg.engine_groups(s)}   # an engine job's log (rules/stages.smk)
+    for stage in STAGE_NAMES:
         if (logs / stage).is_dir():
             found += [(f, (stage, f.name.removesuffix(".log"))) for f in sorted((logs / stage).iterdir())
                       if (stage, f.name.removesuffix(".log")) not in keys | engine_logs]

@@ -23,7 +23,7 @@ from dflash.plan.config import Phase
 from dflash.plan.keys import Registry, RunPlan
 from dflash.plan.paths import Results
 from dflash.plan.rehearsal import PREFIX as REHEARSAL
-from dflash.stages import data_parallel
+from dflash.plan.stages import data_parallel
 
 AGG_SOURCE = "mean of the run's per-dataset rows"
 
@@ -32,7 +32,7 @@ AGG_SOURCE = "mean of the run's per-dataset rows"
 TAU_COLS = ["run", "dataset", "family", "tau", "tau_token_weighted", "tau_no_bonus", "tau_tokens_per_step",
             "tau_new_per_step", "n_requests", "backend", "hardware", "temperature", "source"]
 # speedup_decode_zlab and its TPOTs: z-lab's clock (restarted after the drafter's first pass, n tokens);
-# speedup_decode_only: the project's earlier clock (from the end of prefill, n - 1 tokens); see decoding/metrics.py
+# speedup_decode_only: the project's own clock (from the end of prefill, n - 1 tokens); see decoding/metrics.py
 SPEED_VALUES = ["speedup_decode_zlab", "tpot_dflash_zlab_ms", "tpot_baseline_zlab_ms", "speedup_decode_only",
                 "speedup_e2e"]
 # baseline: the baseline stage the speedups divide by (bench 2; the same engine by its key), and its hardware
@@ -46,7 +46,8 @@ REF_COLS = ["reference", "role", "source", "label", "target_model", "method", "t
             "metric", "value", "note"]
 TABLES = {"tau": TAU_COLS, "speedup": SPEED_COLS, "training": TRAIN_COLS, "deltas": DELTA_COLS,
           "references": REF_COLS}
-# the columns of reports of format version 1 (before the baseline stage and the two tau definitions)
+REFERENCE_TABLES = ("deltas", "references")    # the tables of published numbers (Snakemake's report groups them)
+# the columns of reports of format version 1 (no baseline columns, no one-definition tau columns)
 TABLES_V1 = {**TABLES, "tau": [c for c in TAU_COLS if c not in ("tau_tokens_per_step", "tau_new_per_step")],
              "speedup": [c for c in SPEED_COLS if c not in ("baseline_hardware", "baseline")]}
 

@@ -21,9 +21,9 @@ from dflash.modeling.target import embedding_rows
 from dflash.plan.config import check_mask_id
 from dflash.plan.keys import Registry, StageInstance
 from dflash.plan.paths import Results
+from dflash.plan.stages import BY_NAME
 from dflash.processes import lock_holder, try_lock
 from dflash.results import provenance, publish
-from dflash.stages import BY_NAME
 
 
 def log(msg: str) -> None:
@@ -72,7 +72,7 @@ class Context:
 def verify_inputs(results: Results, inst: StageInstance) -> dict[str, str]:
     """Check the output files of the upstream stages this stage reads against the sha256 their provenance records;
     the checksums of what it reads: '<stage>/<key>' (the provenance.json) and '<stage>/<key>/<file>'."""
-    reads = BY_NAME[inst.stage].reads_from()
+    reads = BY_NAME[inst.stage].upstream_names()
     omitted = publish.omitted_files(results.root)          # weights a published tree leaves out
     inputs = {}
     for stage, key in inst.inputs():

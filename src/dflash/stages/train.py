@@ -9,9 +9,8 @@ from dflash.training.loop import train
 
 
 def run(ctx) -> dict:
-    logging = ctx.logging
     if os.environ.get("DFLASH_LAUNCHER") == "ray" and "RANK" not in os.environ:
-        from dflash.launch.ray_train import fit
+        from dflash.training.ray_train import fit
 
-        return fit(train, ctx.config, ctx.out, ctx.upstream, ctx.work, logging)
-    return train(ctx.config, ctx.out.resolve(), ctx.upstream, ctx.work.resolve(), ctx.log, logging)
+        return fit(train, ctx.config, ctx.out, ctx.upstream, ctx.work, ctx.logging)
+    return train(ctx.config, ctx.out.resolve(), ctx.upstream, ctx.work.resolve(), ctx.log, ctx.logging)

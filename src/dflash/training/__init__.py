@@ -1,1 +1,1 @@
-"""Training: the loop, process groups and sharding, checkpoints, metrics tracking."""
+"""Training: the loop, process groups and sharding, checkpoints, metrics tracking, Ray Train workers."""

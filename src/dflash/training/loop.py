@@ -115,8 +115,9 @@ def train_step_loss(target, drafter, mcfg, ids, lmask, lens, tc, gen, make_block
 
 
 # Loss normalisation (`train.loss_normalisation`; omitted: the first). Every supervised block position weighs the
-# same whatever micro-batch or rank it falls in (SpecForge), or every micro-batch weighs the same (the earlier rule,
-# kept for ablations; with micro batch 1 every sample weighs the same however many positions it supervises).
+# same whatever micro-batch or rank it falls in (SpecForge), or every micro-batch weighs the same (the rule of
+# train format versions 1 and 2, for ablations; with micro batch 1 every sample weighs the same however many
+# positions it supervises).
 DEFAULT_NORMALISATION = "global_weight_sum"
 NORMALISATIONS = {
     "global_weight_sum": "SpecForge specforge/training/controller.py (TrainerCore.train_step backpropagates the sum "
@@ -166,7 +167,9 @@ def accumulate_gradients(drafter, micro_loss, n_micro: int, normalisation: str, 
     return acc
 
 
-def train(cfg: dict, out: Path, upstream: dict[str, Path], work: Path, log=print, logging: dict | None = None) -> dict:
+def train(cfg: dict, out: Path, upstream: dict[str, Path], work: Path, log=print, tracking: dict | None = None) -> dict:
+    """Train the drafter of `cfg` into `out`; `log` prints a line, `tracking` is the run's `logging` section (wandb,
+    progress; see `dflash.training.tracker.Tracker`)."""
     tc, dc = cfg["train"], cfg["drafter"]
     rank, world, device_name = init_distributed()
     device = torch.device(device_name, torch.cuda.current_device()) if device_name == "cuda" else torch.device("cpu")
@@ -209,7 +212,7 @@ def train(cfg: dict, out: Path, upstream: dict[str, Path], work: Path, log=print
         f"= {tc['micro_batch_size']} x {tc['grad_accum']} accum x {world} ranks, drafter "
         f"{sum(p.numel() for p in drafter.parameters()) / 1e6:.2f}M params, target layers {mcfg.target_layer_ids}")
     normalisation = tc.get("loss_normalisation", DEFAULT_NORMALISATION)
-    tracker = Tracker(metrics_path, logging or {}, cfg, steps, start, rank, log)
+    tracker = Tracker(metrics_path, tracking or {}, cfg, steps, start, rank, log)
     t_start = time.time()
     drafter.train()
     per_rank = tc["micro_batch_size"]

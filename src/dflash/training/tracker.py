@@ -11,24 +11,24 @@ class Tracker:
     stage key, phase and run in its config, its files under the stage's work directory (`wandb/`), one wandb run
     id per stage key so that a resumed stage continues its run."""
 
-    def __init__(self, path: Path, logging: dict, config: dict, steps: int, start: int, rank: int, log):
+    def __init__(self, path: Path, tracking: dict, config: dict, steps: int, start: int, rank: int, log):
         self.rank, self.log = rank, log
         self.file = open(path, "a") if rank == 0 else None
         self.bar = self.wandb = self.run_dir = None
-        if rank == 0 and logging.get("progress", True):
+        if rank == 0 and tracking.get("progress", True):
             from tqdm import tqdm
 
             self.bar = tqdm(total=steps, initial=start, unit="step", mininterval=5.0, dynamic_ncols=True)
-        if rank == 0 and logging.get("wandb", "off") != "off":
+        if rank == 0 and tracking.get("wandb", "off") != "off":
             try:
                 import wandb
             except ImportError:
                 raise ImportError("logging.wandb is set but wandb is missing: pip install -e '.[wandb]'") from None
-            phase, run, key = logging.get("phase", "dflash"), logging.get("run", "run"), logging.get("key")
+            phase, run, key = tracking.get("phase", "dflash"), tracking.get("run", "run"), tracking.get("key")
             root = Path(path).parent / "wandb"
             root.mkdir(parents=True, exist_ok=True)
-            self.wandb = wandb.init(project=logging.get("wandb_project") or f"dflash-{phase}", name=f"{phase}/{run}",
-                                    id=f"train-{key}" if key else None, dir=str(root), mode=logging["wandb"],
+            self.wandb = wandb.init(project=tracking.get("wandb_project") or f"dflash-{phase}", name=f"{phase}/{run}",
+                                    id=f"train-{key}" if key else None, dir=str(root), mode=tracking["wandb"],
                                     config={"stage": "train", "stage_key": key, "phase": phase, "run": run, **config},
                                     resume="allow")
             self.run_dir = Path(self.wandb.dir).parent        # <root>/wandb/<mode>-run-<time>-<id>/

@@ -28,11 +28,11 @@ def _worker(config: dict) -> None:
     (placed / f"rank-{rank}.json").write_text(json.dumps(
         {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname()}))
     upstream = {k: Path(v) for k, v in config["upstream"].items()}
-    config["train"](config["cfg"], Path(config["out"]), upstream, Path(config["work"]), print, config["logging"])
+    config["train"](config["cfg"], Path(config["out"]), upstream, Path(config["work"]), print, config["tracking"])
 
 
-def fit(train, cfg: dict, out: Path, upstream: dict[str, Path], work: Path, logging: dict) -> dict:
-    """Run `train(cfg, out, upstream, work, log, logging)` in every worker; the summary rank 0 wrote."""
+def fit(train, cfg: dict, out: Path, upstream: dict[str, Path], work: Path, tracking: dict) -> dict:
+    """Run `train(cfg, out, upstream, work, log, tracking)` in every worker; the summary rank 0 wrote."""
     try:
         import ray
         from ray.train import RunConfig, ScalingConfig
@@ -50,7 +50,7 @@ def fit(train, cfg: dict, out: Path, upstream: dict[str, Path], work: Path, logg
         train_loop_config={"train": train, "cfg": cfg, "out": str(Path(out).resolve()),
                            "work": str(Path(work).resolve()),
                            "upstream": {k: str(Path(v).resolve()) for k, v in upstream.items()},
-                           "logging": {**logging, "progress": False}},
+                           "tracking": {**tracking, "progress": False}},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus > 0,
                                      placement_strategy="PACK" if gpus else "SPREAD"),
         torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
