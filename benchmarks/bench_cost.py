@@ -20,14 +20,14 @@ import json
 import sys
 from pathlib import Path
 
+from dflash.data.jsonl import read_jsonl
 from dflash.launch.slurm import stage_resources
 from dflash.plan.keys import load_registry
 from dflash.plan.paths import PHASES_DIR, Results
 
 
 def _records(d: Path) -> list[dict]:
-    with open(d / "records.jsonl") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_jsonl(d / "records.jsonl")
 
 
 def _request_s(records: list[dict], with_baseline: bool) -> float:

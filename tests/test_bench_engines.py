@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import ROOT
 from dflash import cli
+from dflash.data.jsonl import read_jsonl
 from dflash.decoding import metrics
 from dflash.decoding.engine import Engine
 from dflash.decoding.hf import target_generate
@@ -349,7 +350,7 @@ def test_pretrained_runs_bench_report_and_audit(smoke_repo, tmp_path, monkeypatc
     for d in benches.values():
         summary = report.bench_summary(d)
         assert summary["lossless"] is True and summary["backend"] == "fast"
-    same = metrics.compare(*(report.read_jsonl(d / "records.jsonl") for d in benches.values()))
+    same = metrics.compare(*(read_jsonl(d / "records.jsonl") for d in benches.values()))
     assert same["equal_outputs"] == same["matched"] == 12          # both commit the target's greedy tokens
     runner.run(reg, "report", reg.report_key("mix"))
     out = repo / "results" / "reports" / "mix"

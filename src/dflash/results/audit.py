@@ -30,6 +30,7 @@ from dflash.checksums import sha256_file
 from dflash.data import references as refs
 from dflash.data import root as data_root
 from dflash.data.benchmarks import FAMILIES, family
+from dflash.data.jsonl import read_jsonl
 from dflash.plan.keys import Registry, RunPlan, build, stage_key, upstream_pairs
 from dflash.plan.stages import BY_NAME, REPORT, STAGE_NAMES
 from dflash.results import provenance, publish
@@ -207,7 +208,7 @@ class Auditor:
                 tdir = self.tree.stage_dir("train", tkey)
                 try:
                     train = json.loads((tdir / "summary.json").read_text())
-                    metrics = rep.read_jsonl(tdir / "metrics.jsonl")
+                    metrics = read_jsonl(tdir / "metrics.jsonl")
                 except (OSError, ValueError) as e:
                     self.problem(tdir / "metrics.jsonl", f"cannot read the training metrics: {e!r}")
                     continue
@@ -236,8 +237,8 @@ class Auditor:
                                              f"provenance reads baseline {key}")
         bdir = self.tree.stage_dir("baseline", key)
         try:
-            base = {(r["prompt_id"], r["turn"]): r for r in rep.read_jsonl(bdir / "records.jsonl")}
-            records = rep.read_jsonl(d / "records.jsonl")
+            base = {(r["prompt_id"], r["turn"]): r for r in read_jsonl(bdir / "records.jsonl")}
+            records = read_jsonl(d / "records.jsonl")
         except (OSError, ValueError, KeyError) as e:
             self.problem(bdir / "records.jsonl", f"cannot read the baseline records: {e!r}")
             return

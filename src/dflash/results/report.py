@@ -18,6 +18,7 @@ from pathlib import Path
 
 from dflash.data import references as refs
 from dflash.data.benchmarks import FAMILIES, family
+from dflash.data.jsonl import read_jsonl
 from dflash.decoding import metrics
 from dflash.plan.config import Phase
 from dflash.plan.keys import Registry, RunPlan
@@ -57,11 +58,6 @@ def columns(name: str, version: int) -> list[str]:
     return (TABLES_V1 if version < 2 else TABLES)[name]
 # our summary field for each reference metric (published decode-only speedups: compared with z-lab's clock)
 METRIC_FIELDS = {"tau": "tau_macro", "speedup_decode_only": "speedup_decode_zlab", "speedup_e2e": "speedup_e2e"}
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def averages(values: dict[str, float | None]) -> dict[str, float]:

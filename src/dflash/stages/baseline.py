@@ -18,6 +18,7 @@ import statistics
 import torch
 
 from dflash.data.benchmarks import load_prompts
+from dflash.data.jsonl import write_jsonl
 from dflash.decoding import sglang as sg
 from dflash.stages import bench
 
@@ -31,9 +32,7 @@ def run(ctx) -> dict:
         sg.require_sglang()
     prompts, meta = load_prompts(ds)
     records, info = (_served if bc["engine"] == "sglang" else _local)(ctx, bc, ds, prompts)
-    with open(ctx.out / "records.jsonl", "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
+    write_jsonl(ctx.out / "records.jsonl", records)
     tokens = sum(r["n_tokens"] for r in records)
     summary = {"dataset": ds["name"], "temperature": bc["temperature"], "n_requests": len(records),
                "tokens": tokens, "tpot_ms": 1e3 * statistics.fmean(r["decode_s"] / max(1, r["n_tokens"] - 1)

@@ -36,6 +36,7 @@ import torch
 
 from dflash.data import chat
 from dflash.data.benchmarks import load_prompts
+from dflash.data.jsonl import read_jsonl, write_jsonl
 from dflash.decoding import metrics
 from dflash.decoding import sglang as sg
 from dflash.decoding.engine import Engine
@@ -105,9 +106,7 @@ def run(ctx) -> dict:
             info.update(_throughput(records, info, base.summary))
     for r in records:
         r.pop("prompt_ids", None)
-    with open(ctx.out / "records.jsonl", "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
+    write_jsonl(ctx.out / "records.jsonl", records)
     summary = metrics.summarize(records, info["block_size"])
     summary.update(metrics.tau_definitions(records))
     summary.update({"dataset": ds["name"], "temperature": bc["temperature"], **info, "drafter": drafter_info,
@@ -162,8 +161,7 @@ class Baseline:
 
 
 def read_baseline(directory: Path) -> Baseline:
-    with open(directory / "records.jsonl") as f:
-        recs = [json.loads(line) for line in f if line.strip()]
+    recs = read_jsonl(directory / "records.jsonl")
     return Baseline(directory, {(r["prompt_id"], r["turn"]): r for r in recs},
                     json.loads((directory / "summary.json").read_text()))
 

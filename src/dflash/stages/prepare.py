@@ -14,7 +14,6 @@ without regeneration tokenize drops them (no loss tokens).
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from dflash.checksums import sha256_file
 from dflash.data import root as data_root
 from dflash.data import synthetic
 from dflash.data.benchmarks import MATH_SUFFIX, load_prompts
-from dflash.data.jsonl import iter_jsonl
+from dflash.data.jsonl import iter_jsonl, read_jsonl, write_jsonl
 from dflash.errors import DataError
 
 OUTPUT = "conversations.jsonl"
@@ -185,9 +184,7 @@ def run(ctx) -> dict:
     if not rows:
         raise DataError("data.sources: no conversations left after filtering")
     without_reply = sum(1 for r in rows if not any(m["role"] == "assistant" and m["content"] for m in r["messages"]))
-    with open(out / OUTPUT, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+    write_jsonl(out / OUTPUT, rows)
     log(f"prepare: {n_read} read ({skipped_ids} skipped by id before sampling), {no_user} without a user turn, "
         f"{excluded} equal to a benchmark prompt, {duplicates} duplicate prompts dropped; {len(rows)} written, "
         f"{without_reply} of them without an assistant reply")
@@ -198,5 +195,4 @@ def run(ctx) -> dict:
 
 
 def read(directory: Path) -> list[dict]:
-    with open(Path(directory) / OUTPUT) as f:
-        return [json.loads(line) for line in f]
+    return read_jsonl(Path(directory) / OUTPUT)

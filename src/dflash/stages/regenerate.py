@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from dflash.data import chat
+from dflash.data.jsonl import write_jsonl
 from dflash.decoding import sglang as sg
 from dflash.modeling.target import load_target, load_tokenizer, model_path
 from dflash.stages import prepare
@@ -88,9 +89,8 @@ def _write_chunk(work: Path, index: int, part: list[dict], replies: list[str], m
     os.replace(tmp_meta, _meta_file(work, index))
     target = chunk_file(work, index)
     tmp = target.with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        for r, reply in zip(part, replies, strict=True):
-            f.write(json.dumps({"id": r["id"], "messages": [_user(r), {"role": "assistant", "content": reply}]}) + "\n")
+    write_jsonl(tmp, ({"id": r["id"], "messages": [_user(r), {"role": "assistant", "content": reply}]}
+                      for r, reply in zip(part, replies, strict=True)))
     os.replace(tmp, target)
 
 

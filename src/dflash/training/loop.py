@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from dflash.data.jsonl import read_jsonl, write_jsonl
 from dflash.data.tokens import load_tokens
 from dflash.modeling import objective
 from dflash.modeling.drafter import TRAINED_CONFIG, TRAINED_WEIGHTS, DFlashDrafter, DrafterConfig, target_features
@@ -299,10 +300,9 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metric lines past `step` (written after the checkpoint a resumed run starts from)."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    write_jsonl(path, [rec for rec in read_jsonl(path) if rec["step"] <= step])
 
 
 def _last_metrics(path: Path) -> dict:
-    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-    return json.loads(lines[-1]) if lines else {}
+    records = read_jsonl(path) if path.is_file() else []
+    return records[-1] if records else {}

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from dflash.data.jsonl import jsonl_line
 
 
 class Tracker:
@@ -40,7 +41,7 @@ class Tracker:
             self.bar.update(1)
         if rec is None:
             return
-        self.file.write(json.dumps(rec) + "\n")
+        self.file.write(jsonl_line(rec))
         self.file.flush()
         if self.bar:
             self.bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.3f}")
