@@ -133,7 +133,8 @@ def build_tiny_target(directory: Path) -> Path:
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from dflash.stages.target import TARGET_JSON, train_tokenizer
+    from dflash.modeling.bpe_tokenizer import train_tokenizer
+    from dflash.modeling.target import TARGET_JSON
 
     texts = [f"what is {i} plus {i * 7 % 13}? the answer is {i + i * 7 % 13}." for i in range(60)]
     tokenizer = train_tokenizer(texts, 300)

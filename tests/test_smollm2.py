@@ -18,8 +18,9 @@ from dflash import cli
 from dflash.data import root as data_root
 from dflash.data.benchmarks import MATH_SUFFIX, load_benchmark
 from dflash.data.tokens import load_tokens
+from dflash.modeling.bpe_tokenizer import train_tokenizer
 from dflash.modeling.drafter import DrafterConfig, build_target_layer_ids
-from dflash.modeling.target import load_target, mask_token_id
+from dflash.modeling.target import gguf_location, load_gguf, load_target, mask_token_id
 from dflash.plan.config import load_phase
 from dflash.plan.keys import build
 from dflash.stages import prepare, target
@@ -80,7 +81,7 @@ def test_gguf_materialised_directory_matches_the_gguf(smol_dir):
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     assert type(reloaded).__name__ == "LlamaForCausalLM" and "<|im_start|>assistant" in tok.apply_chat_template(
         [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
-    ref, ref_tok = target.load_gguf(target.gguf_location(GGUF_CFG)[0], torch.float32)
+    ref, ref_tok = load_gguf(gguf_location(GGUF_CFG)[0], torch.float32)
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}], tokenize=False,
                                      add_generation_prompt=True)
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
@@ -96,17 +97,17 @@ def test_gguf_materialised_directory_matches_the_gguf(smol_dir):
 
 def test_gguf_errors_name_the_missing_piece(tmp_path, monkeypatch):
     with pytest.raises(ModuleNotFoundError, match="'no_such_pkg_x' is not installed.*no-such-pkg-x"):
-        target.gguf_location({"gguf_package": "no_such_pkg_x", "gguf_file": "m.gguf"})
+        gguf_location({"gguf_package": "no_such_pkg_x", "gguf_file": "m.gguf"})
     with pytest.raises(ValueError, match="either gguf_package or path"):
-        target.gguf_location({"gguf_package": "dflash", "path": str(tmp_path), "gguf_file": "m.gguf"})
+        gguf_location({"gguf_package": "dflash", "path": str(tmp_path), "gguf_file": "m.gguf"})
     with pytest.raises(FileNotFoundError, match="'m.gguf' not found in package dflash"):
-        target.gguf_location({"gguf_package": "dflash", "gguf_file": "m.gguf"})
+        gguf_location({"gguf_package": "dflash", "gguf_file": "m.gguf"})
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
-    assert target.gguf_location({"path": str(tmp_path), "gguf_file": "m.gguf"})[0] == tmp_path / "m.gguf"
-    assert target.gguf_location({"path": str(tmp_path / "m.gguf"), "gguf_file": "m.gguf"})[0] == tmp_path / "m.gguf"
+    assert gguf_location({"path": str(tmp_path), "gguf_file": "m.gguf"})[0] == tmp_path / "m.gguf"
+    assert gguf_location({"path": str(tmp_path / "m.gguf"), "gguf_file": "m.gguf"})[0] == tmp_path / "m.gguf"
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(target.importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
     with pytest.raises(ImportError, match=r"gguf.*pip install 'dflash\[gguf\]'"):
         target.build({**GGUF_CFG, "gguf_package": None, "path": str(tmp_path)}, tmp_path, log=lambda m: None)
 
@@ -115,7 +116,7 @@ def test_gguf_errors_name_the_missing_piece(tmp_path, monkeypatch):
 
 
 def test_mask_token_selection():
-    tok = target.train_tokenizer(["a b c d e f g"] * 20, 300)
+    tok = train_tokenizer(["a b c d e f g"] * 20, 300)
     assert mask_token_id(tok) == mask_token_id(tok, "<|MASK|>") == tok.convert_tokens_to_ids("<|MASK|>")
     assert mask_token_id(tok, "<think>") == tok.convert_tokens_to_ids("<think>")
     with pytest.raises(ValueError, match=r"no token '<empty_output>'.*<\|im_start\|>"):
@@ -220,7 +221,7 @@ def test_prepare_drops_benchmark_prompts_and_duplicates(tmp_path, monkeypatch):
 
 
 def _tiny_target(root: Path) -> Path:
-    tok = target.train_tokenizer(["What is 2 + 2? The answer is 4. Tell me a joke."] * 50, 400)
+    tok = train_tokenizer(["What is 2 + 2? The answer is 4. Tell me a joke."] * 50, 400)
     tok.save_pretrained(root / "model")
     (root / target.TARGET_JSON).write_text(json.dumps({"source": "dir", "model_path": "model"}))
     return root

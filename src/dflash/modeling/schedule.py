@@ -1,4 +1,5 @@
-"""Learning-rate schedules: linear warmup, then cosine to min_lr, WSD (warmup-stable-decay) or constant."""
+"""Learning-rate schedules: the drafter's (linear warmup, then cosine to min_lr, WSD (warmup-stable-decay) or
+constant) and the in-process target pretraining's (`pretrain_lr`)."""
 
 from __future__ import annotations
 
@@ -31,3 +32,13 @@ def total_steps(num_rows: int, cfg: dict, world_size: int = 1) -> tuple[int, int
     if cfg["max_steps"]:
         return cfg["max_steps"], global_batch
     return max(1, math.ceil(cfg["epochs"] * num_rows / global_batch)), global_batch
+
+
+def pretrain_lr(step: int, steps: int, peak: float) -> float:
+    """The in-process target pretraining's learning rate (`training/target_pretrain.py`): linear warmup over
+    max(1, steps // 20) steps, then cosine to zero. Not `lr_at`: its warmup rounds a ratio and it computes the cosine's
+    angle in another order, so its values differ in the last bits, and the synthetic targets are kept bit-identical."""
+    warm = max(1, steps // 20)
+    if step < warm:
+        return peak * (step + 1) / warm
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))

