@@ -19,6 +19,7 @@ import os
 import shutil
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -168,9 +169,63 @@ def accumulate_gradients(drafter, micro_loss, n_micro: int, normalisation: str, 
     return acc
 
 
+@dataclass
+class Training:
+    """What the step loop works on, from `setup`: the models, the data, the optimizer and the step counts (`start`:
+    the step a resumed run goes on from; `invalid`, `empty`: the steps without a valid anchor and the empty
+    micro-batches so far)."""
+
+    tc: dict
+    rank: int
+    world: int
+    device_name: str
+    device: torch.device
+    target: torch.nn.Module
+    tokenizer: object
+    mcfg: DrafterConfig
+    drafter: DFlashDrafter
+    data: Batches
+    planned: int
+    steps: int
+    global_batch: int
+    opt: torch.optim.Optimizer
+    start: int
+    invalid: int
+    empty: int
+    metrics_path: Path
+    make_block_mask: object
+    embed: torch.nn.Module
+    lm_weight: torch.Tensor
+    pad: int
+    width: int | None
+    normalisation: str
+
+
 def train(cfg: dict, out: Path, upstream: dict[str, Path], work: Path, log=print, tracking: dict | None = None) -> dict:
     """Train the drafter of `cfg` into `out`; `log` prints a line, `tracking` is the run's `logging` section (wandb,
     progress; see `dflash.training.tracker.Tracker`)."""
+    t = setup(cfg, upstream, work, log)
+    tc = t.tc
+    tracker = Tracker(t.metrics_path, tracking or {}, cfg, t.steps, t.start, t.rank, log)
+    t_start = time.time()
+    t.drafter.train()
+    for step in range(t.start, t.steps):
+        rec = optimizer_step(t, step)
+        tracker.step(rec)
+        done = step + 1
+        if done % tc["save_every"] == 0 or done == t.steps:
+            save_checkpoint(work, done, t.drafter, t.opt, {"invalid_steps": t.invalid, "empty_micro_batches": t.empty},
+                            tc["keep_last"], t.rank, t.world)
+        if done >= 20 and t.invalid / done > tc["max_invalid_frac"]:
+            raise RuntimeError(f"train: {t.invalid} of {done} steps had no valid anchor "
+                               f"(> max_invalid_frac {tc['max_invalid_frac']}); check tokenize.min_loss_tokens")
+    tracker.close()
+    return {"summary": finish(t, out, tracker, time.time() - t_start)}
+
+
+def setup(cfg: dict, upstream: dict[str, Path], work: Path, log) -> Training:
+    """Ranks, target, drafter (sharded), data, schedule length and optimizer; the newest valid checkpoint restored
+    and the metrics past it dropped."""
     tc, dc = cfg["train"], cfg["drafter"]
     rank, world, device_name = init_distributed()
     device = torch.device(device_name, torch.cuda.current_device()) if device_name == "cuda" else torch.device("cpu")
@@ -207,85 +262,86 @@ def train(cfg: dict, out: Path, upstream: dict[str, Path], work: Path, log=print
     if make_block_mask is not None:
         compile_layers(drafter)
     embed, lm_weight = target.get_input_embeddings(), target.get_output_embeddings().weight
-    bs, pad = mcfg.block_size, tokenizer.pad_token_id or 0
+    pad = tokenizer.pad_token_id or 0
     width = data.max_len if tc["pad_to"] == "dataset" else None
     log(f"train: {data.n} rows, {steps} steps (schedule length {steps}), global batch {global_batch} "
         f"= {tc['micro_batch_size']} x {tc['grad_accum']} accum x {world} ranks, drafter "
         f"{sum(p.numel() for p in drafter.parameters()) / 1e6:.2f}M params, target layers {mcfg.target_layer_ids}")
-    normalisation = tc.get("loss_normalisation", DEFAULT_NORMALISATION)
-    tracker = Tracker(metrics_path, tracking or {}, cfg, steps, start, rank, log)
-    t_start = time.time()
-    drafter.train()
-    per_rank = tc["micro_batch_size"]
-    for step in range(start, steps):
-        t0 = time.time()
-        lr = lr_at(step, steps, tc)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        gen = torch.Generator().manual_seed((tc["seed"] * 1_000_003 + step) * 1009 + rank)
+    return Training(tc, rank, world, device_name, device, target, tokenizer, mcfg, drafter, data, planned, steps,
+                    global_batch, opt, start, invalid, empty, metrics_path, make_block_mask, embed, lm_weight, pad,
+                    width, tc.get("loss_normalisation", DEFAULT_NORMALISATION))
 
-        def micro_loss(micro: int, step=step, gen=gen) -> dict:
-            first = ((step * tc["grad_accum"] + micro) * world + rank) * per_rank
-            ids, lmask, lens = (t.to(device) for t in data.get(list(range(first, first + per_rank)), pad, width))
-            res = train_step_loss(target, drafter, mcfg, ids, lmask, lens, tc, gen, make_block_mask, embed,
-                                  lm_weight)
-            return {**res, "tokens": lens.sum()}
 
-        acc = accumulate_gradients(drafter, micro_loss, tc["grad_accum"], normalisation, world, bs)
-        loss = acc[LOSS].item()
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"train: non-finite loss {loss} at step {step + 1}")
-        empty += int(acc[EMPTY])
-        gnorm = None
-        if acc[WSUM] == 0:
-            invalid += 1
-            opt.zero_grad(set_to_none=True)
-        else:
-            gnorm = float(torch.nn.utils.clip_grad_norm_(drafter.parameters(), tc["grad_clip"]))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        if device_name == "cuda":
-            torch.cuda.synchronize()
-        dt, done = time.time() - t0, step + 1
-        rec = None
-        if done % tc["log_every"] == 0 or done == steps:
-            per_k = (acc[PER_K:PER_K + bs] / acc[PER_K + bs:].clamp(min=1)).tolist()
-            rec = {"step": done, "loss": loss, "acc": acc[CORRECT].item() / max(1.0, acc[COUNTED].item()),
-                   "acc_per_position": [round(a, 4) for a in per_k[1:]], "lr": lr, "grad_norm": gnorm,
-                   "samples_per_s": global_batch / dt, "tokens_per_s": acc[TOKENS].item() / dt, "step_s": dt,
-                   "invalid_steps": invalid, "empty_micro_batches": empty,
-                   "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device_name == "cuda" else None}
-        tracker.step(rec)
-        if done % tc["save_every"] == 0 or done == steps:
-            save_checkpoint(work, done, drafter, opt, {"invalid_steps": invalid, "empty_micro_batches": empty},
-                            tc["keep_last"], rank, world)
-        if done >= 20 and invalid / done > tc["max_invalid_frac"]:
-            raise RuntimeError(f"train: {invalid} of {done} steps had no valid anchor "
-                               f"(> max_invalid_frac {tc['max_invalid_frac']}); check tokenize.min_loss_tokens")
-    tracker.close()
-    wall = time.time() - t_start
-    full = _full_state_dict(drafter, world)
+def optimizer_step(t: Training, step: int) -> dict | None:
+    """One optimizer step (0-based `step`): its learning rate, the gradients of its micro-batches, the update
+    (skipped, and counted in `t.invalid`, where no micro-batch of any rank had a valid anchor); the metrics record
+    on logging steps, else None."""
+    tc, bs, per_rank = t.tc, t.mcfg.block_size, t.tc["micro_batch_size"]
+    t0 = time.time()
+    lr = lr_at(step, t.steps, tc)
+    for g in t.opt.param_groups:
+        g["lr"] = lr
+    gen = torch.Generator().manual_seed((tc["seed"] * 1_000_003 + step) * 1009 + t.rank)
+
+    def micro_loss(micro: int) -> dict:
+        first = ((step * tc["grad_accum"] + micro) * t.world + t.rank) * per_rank
+        ids, lmask, lens = (x.to(t.device) for x in t.data.get(list(range(first, first + per_rank)), t.pad, t.width))
+        res = train_step_loss(t.target, t.drafter, t.mcfg, ids, lmask, lens, tc, gen, t.make_block_mask, t.embed,
+                              t.lm_weight)
+        return {**res, "tokens": lens.sum()}
+
+    acc = accumulate_gradients(t.drafter, micro_loss, tc["grad_accum"], t.normalisation, t.world, bs)
+    loss = acc[LOSS].item()
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"train: non-finite loss {loss} at step {step + 1}")
+    t.empty += int(acc[EMPTY])
+    gnorm = None
+    if acc[WSUM] == 0:
+        t.invalid += 1
+        t.opt.zero_grad(set_to_none=True)
+    else:
+        gnorm = float(torch.nn.utils.clip_grad_norm_(t.drafter.parameters(), tc["grad_clip"]))
+        t.opt.step()
+        t.opt.zero_grad(set_to_none=True)
+    if t.device_name == "cuda":
+        torch.cuda.synchronize()
+    dt, done = time.time() - t0, step + 1
+    if not (done % tc["log_every"] == 0 or done == t.steps):
+        return None
+    per_k = (acc[PER_K:PER_K + bs] / acc[PER_K + bs:].clamp(min=1)).tolist()
+    return {"step": done, "loss": loss, "acc": acc[CORRECT].item() / max(1.0, acc[COUNTED].item()),
+            "acc_per_position": [round(a, 4) for a in per_k[1:]], "lr": lr, "grad_norm": gnorm,
+            "samples_per_s": t.global_batch / dt, "tokens_per_s": acc[TOKENS].item() / dt, "step_s": dt,
+            "invalid_steps": t.invalid, "empty_micro_batches": t.empty,
+            "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if t.device_name == "cuda" else None}
+
+
+def finish(t: Training, out: Path, tracker: Tracker, wall: float) -> dict:
+    """The trained drafter, its config, the metrics and the summary into `out` (rank 0; every rank gathers the full
+    state dict); returns the summary (empty on other ranks)."""
+    full = _full_state_dict(t.drafter, t.world)
     summary = {}
-    if rank == 0:
+    if t.rank == 0:
         torch.save(full, out / TRAINED_WEIGHTS)
-        (out / TRAINED_CONFIG).write_text(json.dumps(mcfg.to_hf("float32"), indent=1))
-        shutil.copy(metrics_path, out / METRICS)
-        last = _last_metrics(metrics_path)
+        (out / TRAINED_CONFIG).write_text(json.dumps(t.mcfg.to_hf("float32"), indent=1))
+        shutil.copy(t.metrics_path, out / METRICS)
+        last = _last_metrics(t.metrics_path)
+        steps, global_batch, n = t.steps, t.global_batch, t.data.n
         summary = {"steps": steps, "schedule_steps": steps, "global_batch": global_batch,
-                   "samples": steps * global_batch, "rows": data.n, "epochs": steps * global_batch / data.n,
-                   "resumed_from": start, "invalid_steps": invalid, "empty_micro_batches": empty,
-                   "loss_normalisation": {"mode": normalisation, "source": NORMALISATIONS[normalisation]},
+                   "samples": steps * global_batch, "rows": n, "epochs": steps * global_batch / n,
+                   "resumed_from": t.start, "invalid_steps": t.invalid, "empty_micro_batches": t.empty,
+                   "loss_normalisation": {"mode": t.normalisation, "source": NORMALISATIONS[t.normalisation]},
                    "final_loss": last.get("loss"),
-                   "final_acc": last.get("acc"), "wall_s": wall, "device": device_name, "world_size": world,
-                   "planned_data_parallel": planned,
-                   "gpu_name": torch.cuda.get_device_name() if device_name == "cuda" else None,
-                   "target_layer_ids": mcfg.target_layer_ids, "mask_token_id": mcfg.mask_token_id,
+                   "final_acc": last.get("acc"), "wall_s": wall, "device": t.device_name, "world_size": t.world,
+                   "planned_data_parallel": t.planned,
+                   "gpu_name": torch.cuda.get_device_name() if t.device_name == "cuda" else None,
+                   "target_layer_ids": t.mcfg.target_layer_ids, "mask_token_id": t.mcfg.mask_token_id,
                    "optimizer": {"name": "AdamW", **ADAMW, "betas": list(ADAMW["betas"])}}
         if tracker.run_dir:                       # wandb's run directory, relative to the repository root
             summary["wandb_run_dir"] = os.path.relpath(tracker.run_dir)
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    barrier(world)
-    return {"summary": summary}
+    barrier(t.world)
+    return summary
 
 
 def _full_state_dict(drafter, world: int) -> dict:
