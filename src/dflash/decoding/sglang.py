@@ -1,4 +1,5 @@
-"""The SGLang engine (optional `sglang` extra, GPU only): server lifecycle, /generate client, replicas.
+"""The SGLang engine (optional `sglang` extra, GPU only): server lifecycle, /generate client, replicas and their
+pools (regenerate), multi-turn conversations (bench, baseline).
 
 A server is `python -m dflash.decoding.sglang_launch` (SGLang's `sglang.launch_server` with two fixes for
 sglang 0.5.11 under transformers 5, see that module) for the target, bound to loopback on a free port, in its own
@@ -28,7 +29,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -516,3 +518,139 @@ class Replica:
 
     def close(self) -> None:
         self.server.stop()
+
+
+class LocalWorker:
+    """A replica driven from this process; one chunk at a time."""
+
+    def __init__(self, replica: Replica, call: dict):
+        self.replica, self.call = replica, call
+        self.pool = ThreadPoolExecutor(1)
+
+    def submit(self, texts: list[str]):
+        return self.pool.submit(self.replica.generate, texts, **self.call)
+
+    def close(self) -> None:
+        self.replica.close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class RayWorker:
+    """A replica as a Ray actor (Ray gives it its GPUs through CUDA_VISIBLE_DEVICES)."""
+
+    def __init__(self, actor, call: dict):
+        self.actor, self.call = actor, call
+
+    def submit(self, texts: list[str]):
+        return self.actor.generate.remote(texts, **self.call).future()
+
+    def close(self) -> None:
+        import ray
+
+        with contextlib.suppress(Exception):        # the actor may be dead already; it is killed below anyway
+            ray.get(self.actor.close.remote(), timeout=120)
+        with contextlib.suppress(Exception):
+            ray.kill(self.actor)
+
+
+def gpu_groups(n: int, tp: int) -> list[str]:
+    """CUDA_VISIBLE_DEVICES of each local replica (within this process's own visible devices)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [d for d in visible.split(",") if d.strip()] if visible else [str(i) for i in range(gpu_count())]
+    if n * tp > len(ids):
+        raise ValueError(f"regenerate.sglang: {n} replicas x tp_size {tp} need {n * tp} GPUs, {len(ids)} visible")
+    return [",".join(ids[i * tp:(i + 1) * tp]) for i in range(n)]
+
+
+def start_local_replicas(n: int, tp: int, cmd: list[str], opt: dict, logs: Path, call: dict, log) -> list[LocalWorker]:
+    """`n` replicas of `cmd` as local processes, `tp` GPUs each (started together, then waited for)."""
+    replicas = []
+    try:
+        for i, gpus in enumerate(gpu_groups(n, tp)):        # start all, then wait: servers load in parallel
+            replicas.append(Replica(cmd, str(logs / f"replica-{i}.log"), {**opt["env"], "CUDA_VISIBLE_DEVICES": gpus},
+                                    opt["startup_timeout_s"], opt["stop_grace_s"], wait=False))
+            log(f"regenerate: replica {i} on GPU(s) {gpus}: {replicas[-1].server.url}")
+        for r in replicas:
+            r.wait()
+    except BaseException:
+        for r in replicas:
+            r.close()
+        raise
+    return [LocalWorker(r, call) for r in replicas]
+
+
+def start_ray_replicas(n: int, tp: int, cmd: list[str], opt: dict, logs: Path, call: dict, log) -> list[RayWorker]:
+    """`n` replicas of `cmd` as Ray actors of `tp` GPUs each, every one healthy on return."""
+    import ray
+
+    actor_cls = ray.remote(num_gpus=tp, num_cpus=1)(Replica)
+    actors = [actor_cls.remote(cmd, str(logs / f"replica-{i}.log"), opt["env"], opt["startup_timeout_s"],
+                               opt["stop_grace_s"]) for i in range(n)]
+    workers = [RayWorker(a, call) for a in actors]
+    try:
+        ray.get([a.wait.remote() for a in actors])       # constructors done: every server is healthy
+    except BaseException:
+        for w in workers:
+            w.close()
+        raise
+    log(f"regenerate: {n} Ray replica(s) healthy")
+    return workers
+
+
+def dispatch(workers: list, parts: dict[int, list[dict]], texts_of, on_done) -> None:
+    """Whole chunks to free workers, in order; `on_done(index, result)` as each finishes (any order)."""
+    queue, running = deque(parts), {}
+
+    def feed(w) -> None:
+        if queue:
+            index = queue.popleft()
+            running[w.submit(texts_of(index))] = (w, index)
+
+    for w in workers:
+        feed(w)
+    while running:
+        done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+        for fut in done:
+            w, index = running.pop(fut)
+            on_done(index, fut.result())
+            feed(w)
+
+
+# ---------------------------------------------------------------------------------------------- conversations
+
+
+def run_conversations(url: str, convs: list[list[str]], build_text, reply_text, sampling: dict, concurrency: int,
+                      stream: bool, timeout_s: float) -> tuple[list[list[tuple[str, Completion]]], float]:
+    """Multi-turn conversations: turns of one conversation in order (each sees the model's earlier answers,
+    `reply_text(completion)`), up to `concurrency` conversations in flight. Returns [(prompt text, completion) per
+    turn] per conversation, and the wall time."""
+    def one(turns: list[str]):
+        history, out = [], []
+        for user in turns:
+            history.append(("user", user))
+            text = build_text(history)
+            c = generate(url, text, sampling, stream, timeout_s)
+            out.append((text, c))
+            history.append(("assistant", reply_text(c)))
+        return out
+
+    t0 = time.perf_counter()
+    if concurrency <= 1:
+        res = [one(t) for t in convs]
+    else:
+        with ThreadPoolExecutor(concurrency) as pool:
+            res = list(pool.map(one, convs))
+    return res, time.perf_counter() - t0
+
+
+def timing(c: Completion) -> dict:
+    """prefill/decode split of a request: time to first token, and the rest (client clock)."""
+    if c.ttft_s is None:
+        return {"prefill_s": 0.0, "decode_s": c.e2e_s, "e2e_s": c.e2e_s, "ttft_s": None}
+    return {"prefill_s": c.ttft_s, "decode_s": max(0.0, c.e2e_s - c.ttft_s), "e2e_s": c.e2e_s, "ttft_s": c.ttft_s}
+
+
+def warm_up(url: str, text: str, concurrency: int, timeout_s: float) -> None:
+    """`concurrency` short requests of `text` (graphs, caches), then an empty prefix cache."""
+    generate_many(url, [text] * concurrency, sampling_params(0.0, 32), concurrency, False, timeout_s)
+    flush_cache(url)

@@ -28,7 +28,6 @@ import platform
 import shutil
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -277,42 +276,6 @@ def _as_list(x) -> list:
 # ---------------------------------------------------------------------------------------------- SGLang engine
 
 
-def run_conversations(url: str, convs: list[list[str]], build_text, reply_text, sampling: dict, concurrency: int,
-                      stream: bool, timeout_s: float) -> tuple[list[list[tuple[str, sg.Completion]]], float]:
-    """Multi-turn conversations: turns of one conversation in order (each sees the model's earlier answers,
-    `reply_text(completion)`), up to `concurrency` conversations in flight. Returns [(prompt text, completion) per
-    turn] per conversation, and the wall time."""
-    def one(turns: list[str]):
-        history, out = [], []
-        for user in turns:
-            history.append(("user", user))
-            text = build_text(history)
-            c = sg.generate(url, text, sampling, stream, timeout_s)
-            out.append((text, c))
-            history.append(("assistant", reply_text(c)))
-        return out
-
-    t0 = time.perf_counter()
-    if concurrency <= 1:
-        res = [one(t) for t in convs]
-    else:
-        with ThreadPoolExecutor(concurrency) as pool:
-            res = list(pool.map(one, convs))
-    return res, time.perf_counter() - t0
-
-
-def _timing(c: sg.Completion) -> dict:
-    """prefill/decode split of a request: time to first token, and the rest (client clock)."""
-    if c.ttft_s is None:
-        return {"prefill_s": 0.0, "decode_s": c.e2e_s, "e2e_s": c.e2e_s, "ttft_s": None}
-    return {"prefill_s": c.ttft_s, "decode_s": max(0.0, c.e2e_s - c.ttft_s), "e2e_s": c.e2e_s, "ttft_s": c.ttft_s}
-
-
-def _warm_up(url: str, text: str, concurrency: int, timeout_s: float) -> None:
-    sg.generate_many(url, [text] * concurrency, sg.sampling_params(0.0, 32), concurrency, False, timeout_s)
-    sg.flush_cache(url)
-
-
 @dataclass
 class Served:
     """An SGLang server of a job (started once, stopped when the job ends) and what the requests need."""
@@ -377,11 +340,11 @@ def serve_conversations(ctx, served: Served, bc: dict, prompts) -> tuple[list[di
         return tok.decode(c.output_ids, skip_special_tokens=True) if c.output_ids is not None else c.text
 
     if not served.warm:
-        _warm_up(served.server.url, build_text([("user", prompts[0].turns[0])]), conc, tmo)
+        sg.warm_up(served.server.url, build_text([("user", prompts[0].turns[0])]), conc, tmo)
         served.warm = True
     sg.flush_cache(served.server.url)                 # each dataset starts from an empty prefix cache
-    convs, wall = run_conversations(served.server.url, [list(p.turns) for p in prompts], build_text, reply_text,
-                                    sg.sampling_params(bc["temperature"], bc["max_new_tokens"]), conc, stream, tmo)
+    convs, wall = sg.run_conversations(served.server.url, [list(p.turns) for p in prompts], build_text, reply_text,
+                                       sg.sampling_params(bc["temperature"], bc["max_new_tokens"]), conc, stream, tmo)
     rows, mismatch = [], 0
     for p, conv in zip(prompts, convs, strict=True):
         for turn, (text, c) in enumerate(conv):
@@ -390,7 +353,7 @@ def serve_conversations(ctx, served: Served, bc: dict, prompts) -> tuple[list[di
                 mismatch += 1
             rows.append({"prompt_id": p.id, "turn": turn, "prompt_tokens": len(ids), "prompt_sha": prompt_digest(ids),
                          "server_prompt_tokens": c.prompt_tokens, "n_tokens": c.completion_tokens,
-                         "server_e2e_s": c.server_e2e_s, "finish_reason": c.finish_reason, **_timing(c),
+                         "server_e2e_s": c.server_e2e_s, "finish_reason": c.finish_reason, **sg.timing(c),
                          **({"tokens": c.output_ids} if c.output_ids is not None else {}), "completion": c})
     if mismatch:
         ctx.log(f"warning: SGLang counted other prompt lengths than the local tokenizer for {mismatch} request(s) "

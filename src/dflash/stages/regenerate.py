@@ -13,14 +13,11 @@ back to `hf`, and the summary (provenance.json) says which engine ran and why.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import json
 import os
 import time
-from collections import deque
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import torch
@@ -121,102 +118,6 @@ def _run_hf(rc: dict, parts: dict[int, list[dict]], upstream: dict[str, Path], w
 # ---------------------------------------------------------------------------------------------- SGLang engine
 
 
-class _LocalWorker:
-    """A replica driven from this process; one chunk at a time."""
-
-    def __init__(self, replica: sg.Replica, call: dict):
-        self.replica, self.call = replica, call
-        self.pool = ThreadPoolExecutor(1)
-
-    def submit(self, texts: list[str]):
-        return self.pool.submit(self.replica.generate, texts, **self.call)
-
-    def close(self) -> None:
-        self.replica.close()
-        self.pool.shutdown(wait=False, cancel_futures=True)
-
-
-class _RayWorker:
-    """A replica as a Ray actor (Ray gives it its GPUs through CUDA_VISIBLE_DEVICES)."""
-
-    def __init__(self, actor, call: dict):
-        self.actor, self.call = actor, call
-
-    def submit(self, texts: list[str]):
-        return self.actor.generate.remote(texts, **self.call).future()
-
-    def close(self) -> None:
-        import ray
-
-        with contextlib.suppress(Exception):        # the actor may be dead already; it is killed below anyway
-            ray.get(self.actor.close.remote(), timeout=120)
-        with contextlib.suppress(Exception):
-            ray.kill(self.actor)
-
-
-def _gpu_groups(n: int, tp: int) -> list[str]:
-    """CUDA_VISIBLE_DEVICES of each local replica (within this process's own visible devices)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    ids = [d for d in visible.split(",") if d.strip()] if visible else [str(i) for i in
-                                                                        range(sg.gpu_count())]
-    if n * tp > len(ids):
-        raise ValueError(f"regenerate.sglang: {n} replicas x tp_size {tp} need {n * tp} GPUs, {len(ids)} visible")
-    return [",".join(ids[i * tp:(i + 1) * tp]) for i in range(n)]
-
-
-def _start_local(n: int, tp: int, cmd: list[str], opt: dict, logs: Path, call: dict, log) -> list[_LocalWorker]:
-    replicas = []
-    try:
-        for i, gpus in enumerate(_gpu_groups(n, tp)):        # start all, then wait: servers load in parallel
-            replicas.append(sg.Replica(cmd, str(logs / f"replica-{i}.log"),
-                                                  {**opt["env"], "CUDA_VISIBLE_DEVICES": gpus},
-                                                  opt["startup_timeout_s"], opt["stop_grace_s"], wait=False))
-            log(f"regenerate: replica {i} on GPU(s) {gpus}: {replicas[-1].server.url}")
-        for r in replicas:
-            r.wait()
-    except BaseException:
-        for r in replicas:
-            r.close()
-        raise
-    return [_LocalWorker(r, call) for r in replicas]
-
-
-def _start_ray(n: int, tp: int, cmd: list[str], opt: dict, logs: Path, call: dict, log) -> list[_RayWorker]:
-    import ray
-
-    actor_cls = ray.remote(num_gpus=tp, num_cpus=1)(sg.Replica)
-    actors = [actor_cls.remote(cmd, str(logs / f"replica-{i}.log"), opt["env"], opt["startup_timeout_s"],
-                               opt["stop_grace_s"]) for i in range(n)]
-    workers = [_RayWorker(a, call) for a in actors]
-    try:
-        ray.get([a.wait.remote() for a in actors])       # constructors done: every server is healthy
-    except BaseException:
-        for w in workers:
-            w.close()
-        raise
-    log(f"regenerate: {n} Ray replica(s) healthy")
-    return workers
-
-
-def _dispatch(workers: list, parts: dict[int, list[dict]], texts_of, on_done) -> None:
-    """Whole chunks to free workers, in order; `on_done(index, result)` as each finishes (any order)."""
-    queue, running = deque(parts), {}
-
-    def feed(w) -> None:
-        if queue:
-            index = queue.popleft()
-            running[w.submit(texts_of(index))] = (w, index)
-
-    for w in workers:
-        feed(w)
-    while running:
-        done, _ = wait(list(running), return_when=FIRST_COMPLETED)
-        for fut in done:
-            w, index = running.pop(fut)
-            on_done(index, fut.result())
-            feed(w)
-
-
 def _run_sglang(rc: dict, parts: dict[int, list[dict]], upstream: dict[str, Path], work: Path, log) -> dict:
     opt = sg.options(rc, rc["batch_size"])
     tp = int(opt["tp_size"])
@@ -267,9 +168,9 @@ def _run_sglang(rc: dict, parts: dict[int, list[dict]], upstream: dict[str, Path
                 if not ray.is_initialized():
                     ray.init()          # joins the cluster named by RAY_ADDRESS, else starts a local one
                     ray_started = True
-            workers = (_start_ray if use_ray else _start_local)(n, tp, cmd, opt, logs, call, log)
+            workers = (sg.start_ray_replicas if use_ray else sg.start_local_replicas)(n, tp, cmd, opt, logs, call, log)
             try:
-                _dispatch(workers, parts, texts_of, on_done)
+                sg.dispatch(workers, parts, texts_of, on_done)
             finally:
                 for w in workers:
                     w.close()
