@@ -30,10 +30,12 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from dflash.modeling.target import model_path
 from dflash.plan.config import section_defaults
 from dflash.ports import free_ports
 from dflash.processes import parent_death_hook
@@ -182,6 +184,19 @@ def served_target(model_dir: Path, scratch: Path) -> Path:
             (view / f.name).symlink_to(f.resolve())
     (view / "config.json").write_text(json.dumps({**config, "architectures": [arch]}, indent=1))
     return view
+
+
+def target_spec(target_dir: Path, opt: dict, dtype: str | None, seed: int, temperature: float,
+                scratch: Callable[[], Path]) -> ServerSpec:
+    """The target-only server's spec (the DFLASH server adds the drafter) for a target stage directory: the target as
+    SGLang needs it (`served_target`, its view made under `scratch()` where needed), the engine options `opt`
+    (`options`), the served dtype, seed and sampling backend."""
+    path, local = model_path(target_dir)
+    if local:
+        path = served_target(Path(path), scratch())
+    return ServerSpec(model_path=str(path), tp_size=int(opt["tp_size"]), dtype=served_dtype(dtype), seed=int(seed),
+                      sampling_backend=sampling_backend(temperature), mem_fraction_static=opt["mem_fraction_static"],
+                      attention_backend=opt["attention_backend"], extra_args=list(opt["extra_args"]))
 
 
 def check_draft(draft_dir: Path, target_layers: int) -> None:

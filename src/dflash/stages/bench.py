@@ -41,7 +41,7 @@ from dflash.decoding import sglang as sg
 from dflash.decoding.engine import Engine
 from dflash.errors import InputError
 from dflash.modeling.drafter import DFlashDrafter, pretrained_dir
-from dflash.modeling.target import load_target, load_tokenizer, model_path
+from dflash.modeling.target import load_target, load_tokenizer
 
 
 def _device(choice: str) -> str:
@@ -288,18 +288,10 @@ class Served:
     warm: bool = False
 
 
-def sglang_spec(bc: dict, target_dir: Path, opt: dict) -> sg.ServerSpec:
-    """The target-only server's spec (the DFLASH server adds the drafter): the target as SGLang needs it."""
-    path, local = model_path(target_dir)
-    if local:
-        scratch = Path(tempfile.mkdtemp(prefix="dflash-sglang-"))       # not in the output: never hashed
-        atexit.register(shutil.rmtree, scratch, True)
-        path = sg.served_target(Path(path), scratch)
-    return sg.ServerSpec(model_path=str(path), tp_size=int(opt["tp_size"]),
-                         dtype=sg.served_dtype(opt["dtype"] or bc["dtype"]), seed=int(bc["seed"]),
-                         sampling_backend=sg.sampling_backend(bc["temperature"]),
-                         mem_fraction_static=opt["mem_fraction_static"], attention_backend=opt["attention_backend"],
-                         extra_args=list(opt["extra_args"]))
+def _scratch() -> Path:
+    scratch = Path(tempfile.mkdtemp(prefix="dflash-sglang-"))       # not in the output: never hashed
+    atexit.register(shutil.rmtree, scratch, True)
+    return scratch
 
 
 @contextlib.contextmanager
@@ -310,7 +302,8 @@ def sglang_server(ctx, bc: dict, name: str, drafter_dir: Path | None):
     opt = sg.options(bc, 1)
     target_dir = Path(ctx.upstream["target"])
     tokenizer = load_tokenizer(target_dir)
-    spec, bs = sglang_spec(bc, target_dir, opt), None
+    spec, bs = sg.target_spec(target_dir, opt, opt["dtype"] or bc["dtype"], bc["seed"], bc["temperature"],
+                              _scratch), None
     if drafter_dir is not None:
         draft = drafter_dir.resolve()
         sg.check_draft(draft, json.loads((Path(spec.model_path) / "config.json").read_text())["num_hidden_layers"])

@@ -25,7 +25,7 @@ import torch
 from dflash.data import chat
 from dflash.data.jsonl import write_jsonl
 from dflash.decoding import sglang as sg
-from dflash.modeling.target import load_target, load_tokenizer, model_path
+from dflash.modeling.target import load_target, load_tokenizer
 from dflash.stages import prepare
 
 CHUNK = 256
@@ -125,13 +125,7 @@ def _run_sglang(rc: dict, parts: dict[int, list[dict]], upstream: dict[str, Path
     n = min(n, len(parts))
     use_ray = opt["use_ray"] if opt["use_ray"] is not None else importlib.util.find_spec("ray") is not None
     tokenizer = load_tokenizer(upstream["target"])
-    path, local = model_path(upstream["target"])
-    if local:
-        path = sg.served_target(Path(path), work)
-    spec = sg.ServerSpec(model_path=str(path), tp_size=tp, dtype=sg.served_dtype(opt["dtype"]), seed=int(rc["seed"]),
-                         sampling_backend=sg.sampling_backend(rc["temperature"]),
-                         mem_fraction_static=opt["mem_fraction_static"], attention_backend=opt["attention_backend"],
-                         extra_args=list(opt["extra_args"]))
+    spec = sg.target_spec(upstream["target"], opt, opt["dtype"], rc["seed"], rc["temperature"], lambda: work)
     cmd = sg.server_command(spec)
     concurrency = opt["concurrency"]
     call = {"sampling": sg.sampling_params(rc["temperature"], rc["max_new_tokens"]),
