@@ -1,29 +1,15 @@
 """`python -m dflash.decoding.sglang_launch <sglang.launch_server arguments>`: SGLang's server with two fixes for
-sglang 0.5.11 under transformers 5.x, applied without touching the installed files.
+sglang >= 0.5.11 under transformers 5, applied in every server process without editing installed files, each only
+where the installed source still has the problem it fixes (one log line per process where applied):
 
-1. `sglang/srt/configs/qwen3_asr.py` ends with `AutoConfig.register("qwen3_asr", Qwen3ASRConfig)` (and
-   `"qwen3_asr_thinker"`), no `exist_ok`; transformers >= 5.x defines `qwen3_asr` itself, so importing sglang's
-   configs (every server start) raises `ValueError: 'qwen3_asr' is already used by a Transformers config`. Fix:
-   `AutoConfig.register` is wrapped to pass `exist_ok=True` for exactly those model types, from sglang's class, when
-   transformers already has them. Applied only when that file registers them without `exist_ok` and transformers
-   defines one of them.
-2. `sglang/srt/models/dflash.py`, `DFlashAttention.__init__`: `rope_theta = float(getattr(config, "rope_theta",
-   1000000))`. A transformers 5 config keeps theta only in `rope_parameters["rope_theta"]`, so a drafter with any
-   other theta (SmolLM2: 1e5) gets 1e6, silently. Fix: `DFlashAttention.__init__` is wrapped to set
-   `config.rope_theta` from `rope_parameters` first, when the attribute is missing. (`rope_scaling` needs nothing:
-   under transformers 5 it returns `rope_parameters`, whose "default" type sglang's `get_rope` serves with `base`.)
-   Applied only when that source line is there, through an import hook that patches the module right after it is
-   first imported (the model registry imports it in the scheduler process); nothing of sglang is imported early.
+1. `qwen3_asr` config registration: sglang registers model types transformers 5 also defines, without `exist_ok`,
+   so importing its configs fails; `AutoConfig.register` is wrapped to pass `exist_ok=True` for exactly those types.
+2. The DFLASH draft model's RoPE theta: sglang reads `config.rope_theta`, which a transformers 5 config keeps only in
+   `rope_parameters`, so another theta (SmolLM2: 1e5) was served as 1e6; an import hook sets the attribute first.
 
-Both are installed when this module is imported, which covers sglang's subprocesses: the engine calls
-`mp.set_start_method("spawn", force=True)` (sglang/srt/entrypoints/engine.py, `_set_envs_and_config`) and starts the
-scheduler(s) and the detokenizer with `mp.Process`. A spawned child re-runs the parent's main module before it
-unpickles its target: `multiprocessing.spawn.get_preparation_data` records `__main__.__spec__.name` (this module,
-when run with -m) as `init_main_from_name`, and `_fixup_main_from_name` runs it with
-`runpy.run_module(name, run_name="__mp_main__")`; the child's `__main__` keeps that spec, so its own children (TP or
-DP schedulers) do the same. sglang's `launch_server` is therefore run with `runpy.run_module(..., alter_sys=False)`:
-`sys.modules["__main__"]` stays this module (alter_sys=True would make the children re-run sglang's instead).
-Each patch logs one line per process where it is applied.
+SGLang starts its schedulers with the `spawn` start method, and a spawned child re-runs its parent's main module:
+`launch_server` therefore runs with `runpy.run_module(..., alter_sys=False)`, so this module stays `__main__` and
+its children apply the same fixes.
 """
 
 from __future__ import annotations
