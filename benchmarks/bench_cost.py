@@ -23,7 +23,7 @@ from pathlib import Path
 from dflash.data.jsonl import read_jsonl
 from dflash.launch.slurm import stage_resources
 from dflash.plan.keys import load_registry
-from dflash.plan.paths import PHASES_DIR, Results
+from dflash.plan.paths import PHASES_DIR, ResultsTree
 
 
 def _records(d: Path) -> list[dict]:
@@ -66,7 +66,7 @@ def instance_cost(stage: str, d: Path) -> dict:
             "requests_s": _request_s(_records(d), True), "version": version, "sglang": False}
 
 
-def phase_cost(phase: str, results: Results | None = None, phases_dir: Path = PHASES_DIR) -> dict:
+def phase_cost(phase: str, results: ResultsTree | None = None, phases_dir: Path = PHASES_DIR) -> dict:
     reg = load_registry(phases_dir, only=[phase], results=results)
     seen, rows = set(), []
     for plan in reg.plans[phase].values():
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     p.add_argument("--results", default=None, help="results tree (default results/; e.g. a published copy)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    cost = phase_cost(args.phase, Results(Path(args.results)) if args.results else None)
+    cost = phase_cost(args.phase, ResultsTree(Path(args.results)) if args.results else None)
     if args.json:
         print(json.dumps(cost, indent=1))
         return 0

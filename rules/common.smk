@@ -59,7 +59,7 @@ def upstream(stage):
     return inputs
 
 
-def spec(stage):
+def stage_config(stage):
     """Params function: the stage's config subset, so Snakemake records it next to the output."""
 
     def param(wildcards):

@@ -21,7 +21,7 @@ for rule, _stage in ((s.name, s) for s in STAGES if not s.engine):
         output:
             f"results/{rule}/{{key}}/provenance.json",
         params:
-            spec=spec(rule),
+            spec=stage_config(rule),
             **({"phase": job_phase(rule)} if _stage.launch else {}),
         conda:
             "../workflow/envs/dflash.yaml"

@@ -18,7 +18,7 @@ from dflash.decoding import metrics
 from dflash.decoding import sglang as sglang_engine
 from dflash.plan.config import load_phase
 from dflash.plan.keys import build
-from dflash.plan.paths import Results
+from dflash.plan.paths import ResultsTree
 from dflash.results import audit
 from dflash.stages import runner
 
@@ -63,7 +63,7 @@ def test_three_runs_by_three_sets_start_three_dflash_servers_and_one_target_only
 
     monkeypatch.setattr(sglang_engine, "require_sglang", lambda need_gpu=True: None)
     monkeypatch.setattr(sglang_engine, "server_command", command)
-    results = Results(tmp_path / "results")
+    results = ResultsTree(tmp_path / "results")
     reg = build({"three": load_phase("three", phases)}, results)
     plans = reg.plans["three"]
     assert len({k for p in plans.values() for k in p.baseline.values()}) == 3          # shared by the 3 runs
@@ -166,7 +166,7 @@ sys.path.insert(0, sys.argv[4])
 from dflash.decoding import sglang as sglang_engine
 from dflash.plan.config import load_phase
 from dflash.plan.keys import build
-from dflash.plan.paths import Results
+from dflash.plan.paths import ResultsTree
 from dflash.stages import bench, runner
 from test_sglang_engine import fake_server_command
 
@@ -183,7 +183,7 @@ def slow(*args, **kwargs):          # every dataset takes a while, so the kill l
 
 
 bench.serve_conversations = slow
-reg = build({"three": load_phase("three", phases)}, Results(results))
+reg = build({"three": load_phase("three", phases)}, ResultsTree(results))
 engine, keys = next(iter(reg.engine_groups("bench").items()))
 runner.run_many(reg, "bench", keys, engine)
 '''
@@ -200,7 +200,7 @@ def test_a_killed_bench_job_leaves_no_server_and_resumes(tmp_path, monkeypatch):
 
     phases, _ = _sglang_phase(tmp_path)
     fake = write_fake_server(tmp_path)
-    results = Results(tmp_path / "results")
+    results = ResultsTree(tmp_path / "results")
     reg = build({"three": load_phase("three", phases)}, results)
     runner.run(reg, "target", reg.plans["three"]["r0"].keys["target"])
     for engine, keys in reg.engine_groups("baseline").items():
@@ -266,7 +266,7 @@ def test_local_engine_loads_once_per_job_and_stays_lossless(tmp_path, monkeypatc
                      "drafter": {"pretrained": str(tmp_path / "drafter")},
                      "bench": {"engine": "hf", "device": "cpu", "dtype": "float32", "max_new_tokens": 12}},
         "runs": {"main": {}}, "datasets": SETS}))
-    results = Results(tmp_path / "results")
+    results = ResultsTree(tmp_path / "results")
     reg = build({"local": load_phase("local", phases)}, results)
     plan = reg.plans["local"]["main"]
     runner.run(reg, "target", plan.keys["target"])

@@ -27,7 +27,7 @@ from dflash.modeling.drafter import DFlashDrafter, DrafterConfig, pretrained_dir
 from dflash.plan import pretrained
 from dflash.plan.config import load_phase
 from dflash.plan.keys import build
-from dflash.plan.paths import Results
+from dflash.plan.paths import ResultsTree
 from dflash.plan.stages import DRAFT_ONLY
 from dflash.results import audit, report
 from dflash.stages import baseline, bench, runner
@@ -329,7 +329,7 @@ def test_pretrained_runs_bench_report_and_audit(smoke_repo, tmp_path, monkeypatc
     quick = {"engine": "fast", "max_new_tokens": 24, "device": "cpu"}
     _phase(repo, {"converted": {"drafter": {"pretrained": str(convert)}, "bench": quick},
                   "hub": {"drafter": {"pretrained": HUB_ID}, "bench": quick}})
-    reg = build({"mix": load_phase("mix", repo / "configs" / "phases")}, Results(repo / "results"))
+    reg = build({"mix": load_phase("mix", repo / "configs" / "phases")}, ResultsTree(repo / "results"))
     plans = reg.plans["mix"]
     for run in ("converted", "hub"):
         assert set(plans[run].keys) == {"target"}
@@ -341,7 +341,7 @@ def test_pretrained_runs_bench_report_and_audit(smoke_repo, tmp_path, monkeypatc
             if set(keys) <= set(plans[run].bench.values()):
                 runner.run_many(reg, "bench", keys, engine)
     assert plans["main"].bench == build({"smoke": load_phase("smoke", repo / "configs" / "phases")},
-                                        Results(repo / "results")).plans["smoke"]["main"].bench
+                                        ResultsTree(repo / "results")).plans["smoke"]["main"].bench
     prov = json.loads((repo / "results" / "bench" / plans["hub"].bench["synthetic_math"] / "provenance.json")
                       .read_text())
     assert prov["summary"]["drafter"]["commit"] == COMMIT

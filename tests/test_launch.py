@@ -21,7 +21,7 @@ import yaml
 
 from conftest import BIN, ROOT, copy_repo, dflash, env, snakemake
 from dflash.launch import commands, profiles, slurm
-from dflash.plan.paths import Results
+from dflash.plan.paths import ResultsTree
 from dflash.stages import runner
 
 CLUSTER = {"account": "proj1", "partition": "cpu", "gpu_partition": "gpu", "gpu_model": "h100", "qos": None,
@@ -220,7 +220,7 @@ echo "$RANK/$WORLD_SIZE $*" >> {tmp_path}/ranks.out
 
 def test_launch_run_execs(monkeypatch, capsys, tmp_path):
     class Reg:
-        results = Results(tmp_path / "results")
+        results = ResultsTree(tmp_path / "results")
 
         def get(self, stage, key):
             return type("I", (), {"resources_for": lambda self, phase: {"gpus": 8}})()
@@ -493,7 +493,7 @@ def test_launch_phase_option_picks_that_phases_request(monkeypatch, tmp_path):
             return {"gpus": 2, "launcher": "ray"} if phase == "p_ray" else self.resources
 
     class Reg:
-        results = Results(tmp_path)
+        results = ResultsTree(tmp_path)
 
         def get(self, stage, key):
             return Inst()

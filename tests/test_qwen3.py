@@ -15,7 +15,7 @@ from dflash.modeling.drafter import DrafterConfig, build_target_layer_ids
 from dflash.modeling.target import embedding_rows, load_target
 from dflash.plan.config import ConfigError, load_phase, section_defaults
 from dflash.plan.keys import load_registry
-from dflash.plan.paths import Results
+from dflash.plan.paths import ResultsTree
 from dflash.stages import runner, target
 
 QWEN3_PHASES = ("qwen3_8b", *(f"phase_{c}" for c in "abcdefghijk"), "paper")
@@ -78,7 +78,7 @@ def test_mask_id_of_an_unplannable_target_fails_before_the_first_stage_that_load
                                                              "num_kv_heads": 1, "corpus_size": 30, "steps": 1,
                                                              "batch_size": 2, "seq_len": 32}}})["target"]
     write_phase(tmp_path, "p", {"target": tcfg, "drafter": {"mask_token_id": 5000}})
-    reg = load_registry(tmp_path, results=Results(tmp_path / "results"))
+    reg = load_registry(tmp_path, results=ResultsTree(tmp_path / "results"))
     tdir = tmp_path / "target"
     tdir.mkdir()
     target.build(tcfg, tdir, log=lambda m: None)
@@ -136,6 +136,6 @@ def test_offline_qwen3_default_depth_gives_the_qwen3_8b_layer_ids():
 def test_qwen3_offline_section_is_filled_only_for_its_kind(tmp_path):
     write_phase(tmp_path, "a", {"target": {"kind": "qwen3_offline"}})
     write_phase(tmp_path, "b", {"target": {"kind": "qwen3_offline", "qwen3_offline": {"steps": 150}}})
-    reg = load_registry(tmp_path, results=Results(tmp_path / "results"))
+    reg = load_registry(tmp_path, results=ResultsTree(tmp_path / "results"))
     assert reg.plans["a"]["main"].keys["target"] == reg.plans["b"]["main"].keys["target"]
     assert "qwen3_offline" not in load_phase("smoke").runs["main"]["target"]

@@ -16,7 +16,7 @@ from pathlib import Path
 from dflash.errors import DataError, InputError, UserError
 from dflash.plan.config import phase_names
 from dflash.plan.keys import load_registry, registry_of
-from dflash.plan.paths import Results
+from dflash.plan.paths import ResultsTree
 from dflash.plan.rehearsal import PREFIX as REHEARSAL
 from dflash.processes import end_with_starter
 
@@ -26,7 +26,7 @@ SIGPIPE_EXIT = 141          # as a process killed by SIGPIPE: the reader of stdo
 
 
 def _registry(args, only: list[str] | None = None):
-    return load_registry(only=only, results=Results(Path(args.results)) if getattr(args, "results", None) else None)
+    return load_registry(only=only, results=ResultsTree(Path(args.results)) if getattr(args, "results", None) else None)
 
 
 def cmd_plan(args) -> int:

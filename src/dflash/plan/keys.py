@@ -18,7 +18,7 @@ from dflash.data import root as data_root
 from dflash.errors import ConfigError, InputError
 from dflash.plan import rehearsal
 from dflash.plan.config import Phase, load_phase, phase_names
-from dflash.plan.paths import PHASES_DIR, Results
+from dflash.plan.paths import PHASES_DIR, ResultsTree
 from dflash.plan.stages import BY_NAME, REPORT, STAGES, alternatives
 
 
@@ -100,7 +100,7 @@ class Registry:
     instances: dict[tuple[str, str], StageInstance]
     plans: dict[str, dict[str, RunPlan]]       # phase -> run -> plan
     reports: dict[str, StageInstance]          # phase -> its report instance
-    results: Results
+    results: ResultsTree
     broken: list[str] = field(default_factory=list)    # errors of phase files left out (tolerant loading)
 
     def get(self, stage: str, key: str) -> StageInstance:
@@ -137,7 +137,7 @@ def planned(st, run: dict, versions: dict[str, int] | None = None) -> bool:
     return st.when(run)
 
 
-def plan_run(phase: Phase, run_name: str, run: dict, results: Results,
+def plan_run(phase: Phase, run_name: str, run: dict, results: ResultsTree,
              versions: dict[str, int] | None = None) -> tuple[RunPlan, list[StageInstance]]:
     res = run["resources"]
     out: list[StageInstance] = []
@@ -181,7 +181,7 @@ def engine_key(inst: StageInstance) -> str:
     return stage_key(inst.stage, {"engine": config}, upstream)
 
 
-def plan_report(phase: Phase, plans: dict[str, RunPlan], results: Results,
+def plan_report(phase: Phase, plans: dict[str, RunPlan], results: ResultsTree,
                 versions: dict[str, int] | None = None) -> StageInstance:
     runs = {r: p.as_dict() for r, p in plans.items()}
     config = REPORT.select(None, phase)
@@ -192,9 +192,10 @@ def plan_report(phase: Phase, plans: dict[str, RunPlan], results: Results,
                          {}, results.report_dir(phase.name), users=[(phase.name, "*")])
 
 
-def build(phases: dict[str, Phase], results: Results | None = None, versions: dict[str, int] | None = None) -> Registry:
+def build(phases: dict[str, Phase], results: ResultsTree | None = None,
+          versions: dict[str, int] | None = None) -> Registry:
     """`versions`: stage format versions to key with instead of the current ones (the audit of an older tree)."""
-    results = results or Results()
+    results = results or ResultsTree()
     instances: dict[tuple[str, str], StageInstance] = {}
     plans: dict[str, dict[str, RunPlan]] = {}
     for pname, phase in phases.items():
@@ -211,7 +212,7 @@ def build(phases: dict[str, Phase], results: Results | None = None, versions: di
     return Registry(phases, instances, plans, reports, results)
 
 
-def load_registry(phases_dir: Path = PHASES_DIR, only: list[str] | None = None, results: Results | None = None,
+def load_registry(phases_dir: Path = PHASES_DIR, only: list[str] | None = None, results: ResultsTree | None = None,
                   tolerant: bool = False, rehearse: bool = False) -> Registry:
     """The phases `only` (names; `rehearsal/<phase>` is a rehearsal), else every phase file, or with `rehearse`
     every phase's rehearsal. `tolerant`: phase files that fail to load are left out and their errors kept in

@@ -12,7 +12,7 @@ RESULTS = Path("results")
 
 
 @dataclass(frozen=True)
-class Results:
+class ResultsTree:
     """A results tree: `results/` (what Snakemake writes) or a published copy such as docs/results/PHASE."""
 
     root: Path = RESULTS
@@ -45,6 +45,6 @@ class Results:
         return self.root / "phases" / phase / run
 
     @classmethod
-    def of(cls, directory: Path) -> Results:
+    def of(cls, directory: Path) -> ResultsTree:
         """The tree that holds a stage directory (<root>/<stage>/<key>) or a report (<root>/reports/<phase>)."""
         return cls(Path(directory).parent.parent)

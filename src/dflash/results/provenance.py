@@ -18,7 +18,7 @@ from pathlib import Path
 from dflash.checksums import sha256_file, tree_checksums
 from dflash.errors import DataError
 from dflash.plan.keys import upstream_pairs
-from dflash.plan.paths import Results
+from dflash.plan.paths import ResultsTree
 
 PROVENANCE = "provenance.json"
 PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "snakemake", "numpy", "pandas", "sglang", "ray")
@@ -32,7 +32,7 @@ def output_checksums(directory: Path) -> dict[str, str]:
     return tree_checksums(directory, skip=(PROVENANCE,))
 
 
-def stage_checksums(results: Results, pairs) -> dict[str, str]:
+def stage_checksums(results: ResultsTree, pairs) -> dict[str, str]:
     """'<stage>/<key>' -> sha256 of that stage directory's provenance.json, for a record's `inputs`."""
     return {f"{s}/{k}": sha256_file(results.stage_dir(s, k) / PROVENANCE) for s, k in pairs}
 
@@ -170,7 +170,7 @@ def chain(path: Path) -> list[dict]:
     """Provenance records from `path`'s stage down to the data, depth first, each stage once."""
     seen, out = set(), []
     start = find_dir(path)
-    results = Results.of(start)
+    results = ResultsTree.of(start)
 
     def visit(d: Path, depth: int) -> None:
         prov = read(d)

@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 
 from dflash.checksums import sha256_file
 from dflash.errors import InputError
-from dflash.plan.paths import Results
+from dflash.plan.paths import ResultsTree
 from dflash.processes import libc
 from dflash.results import provenance
 
@@ -35,7 +35,7 @@ def left_out(rel: str) -> bool:
     return p.suffix in WEIGHT_SUFFIXES or "model" in p.parts[:-1]
 
 
-def _records(results: Results, phase: str) -> list[dict]:
+def _records(results: ResultsTree, phase: str) -> list[dict]:
     """The provenance records of `phase`'s report and every stage directory below it, each once."""
     out = results.report_dir(phase)
     if not (out / provenance.PROVENANCE).is_file():
@@ -79,12 +79,12 @@ def _inside(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
-def check_dest(results: Results, phase: str, dest: Path, force: bool = False) -> dict[str, set[str]]:
+def check_dest(results: ResultsTree, phase: str, dest: Path, force: bool = False) -> dict[str, set[str]]:
     """Refuse a destination that is a file, inside (or holding) a results tree, or holding another phase's
     publication (unless `force`: then this one is added beside it). Returns the publications there."""
     if dest.exists() and not dest.is_dir():
         raise InputError(f"{dest}: exists and is not a folder; publish into a new or published folder")
-    for tree in {results.root, Results().root}:
+    for tree in {results.root, ResultsTree().root}:
         where = ("is the results tree" if dest.resolve() == tree.resolve() else
                  f"is inside the results tree {tree}" if _inside(dest, tree) else
                  f"holds the results tree {tree}" if tree.exists() and _inside(tree, dest) else None)
@@ -98,7 +98,7 @@ def check_dest(results: Results, phase: str, dest: Path, force: bool = False) ->
     return found
 
 
-def publish(results: Results, phase: str, dest: Path, force: bool = False) -> dict:
+def publish(results: ResultsTree, phase: str, dest: Path, force: bool = False) -> dict:
     """Copy the report and its chain into `dest`, built beside it and swapped into place whole. What `dest` held
     besides this phase's previous publication (a README, with `force` other phases' publications) is kept; of that
     publication, what the new one no longer holds goes. Returns counts of directories, files copied and files left

@@ -22,7 +22,7 @@ from dflash.data.jsonl import read_jsonl
 from dflash.decoding import metrics
 from dflash.plan.config import Phase
 from dflash.plan.keys import Registry, RunPlan
-from dflash.plan.paths import Results
+from dflash.plan.paths import ResultsTree
 from dflash.plan.rehearsal import PREFIX as REHEARSAL
 from dflash.plan.stages import data_parallel
 
@@ -101,7 +101,7 @@ def run_entry(config: dict, bench: dict, bench_keys: dict, train_key: str | None
     return entry
 
 
-def collect_runs(ph: Phase, plans: dict[str, RunPlan], results: Results) -> dict:
+def collect_runs(ph: Phase, plans: dict[str, RunPlan], results: ResultsTree) -> dict:
     """Per own run: bench summaries recomputed from records, training metrics and summary (trained runs)."""
     out = {}
     for run, plan in plans.items():

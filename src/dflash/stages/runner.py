@@ -20,7 +20,7 @@ from dflash.errors import InputError
 from dflash.modeling.target import embedding_rows
 from dflash.plan.config import check_mask_id
 from dflash.plan.keys import Registry, StageInstance
-from dflash.plan.paths import Results
+from dflash.plan.paths import ResultsTree
 from dflash.plan.stages import BY_NAME
 from dflash.processes import lock_holder, try_lock
 from dflash.results import provenance, publish
@@ -69,7 +69,7 @@ class Context:
     shared: Shared | None = None                    # engines shared with the job's other instances
 
 
-def verify_inputs(results: Results, inst: StageInstance) -> dict[str, str]:
+def verify_inputs(results: ResultsTree, inst: StageInstance) -> dict[str, str]:
     """Check the output files of the upstream stages this stage reads against the sha256 their provenance records;
     the checksums of what it reads: '<stage>/<key>' (the provenance.json) and '<stage>/<key>/<file>'."""
     reads = BY_NAME[inst.stage].upstream_names()
@@ -112,7 +112,7 @@ def check_mask_ids(reg: Registry, inst: StageInstance, upstream: dict[str, Path]
 LOCK_ENV = "DFLASH_STAGE_LOCK"     # '<stage>/<key> ...' whose locks this process (or the launcher it runs under) holds
 
 
-def lock(results: Results, stage: str, key: str) -> None:
+def lock(results: ResultsTree, stage: str, key: str) -> None:
     """Hold the lock of this stage instance for the life of this process and what it execs (torchrun, a Ray launch
     script): one writer per instance. Another holder (e.g. the job of a killed Snakemake) fails this one, naming it;
     its death frees the lock. The ranks of a distributed launch run under their launcher's lock."""
