@@ -276,21 +276,18 @@ def cmd_gc(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dflash", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("plan", help="runs, stages, keys and whether each output exists")
-    s.add_argument("phase")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(fn=cmd_plan)
-    s = sub.add_parser("show", help="the resolved phase: every run's values (extends merged, defaults filled) and "
-                       "the file, run or default each comes from")
-    s.add_argument("phase")
-    s.add_argument("--run", help="only this run")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(fn=cmd_show)
-    s = sub.add_parser("status", help="every stage instance of a phase: done, running (pid, elapsed time, its "
-                       "log's last progress line) or waiting")
-    s.add_argument("phase")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(fn=cmd_status)
+    for name, fn, text in (
+            ("plan", cmd_plan, "runs, stages, keys and whether each output exists"),
+            ("show", cmd_show, "the resolved phase: every run's values (extends merged, defaults filled) and the "
+                               "file, run or default each comes from"),
+            ("status", cmd_status, "every stage instance of a phase: done, running (pid, elapsed time, its log's "
+                                   "last progress line) or waiting")):
+        s = sub.add_parser(name, help=text)
+        s.add_argument("phase")
+        s.add_argument("--json", action="store_true")
+        s.set_defaults(fn=fn)
+        if name == "show":
+            s.add_argument("--run", help="only this run")
     s = sub.add_parser("stage", help="run stage instances (called by the Snakemake rules); several keys of one "
                        "per-dataset stage share one engine (one loaded model or server)")
     s.add_argument("stage")
