@@ -15,7 +15,7 @@ from conftest import SHARED_DATA, copy_repo, dflash, job_counts, snakemake
 from dflash.modeling import qwen3_tokenizer
 from dflash.modeling.drafter import build_target_layer_ids
 from dflash.plan import rehearsal
-from dflash.plan.config import ConfigError, load_phase
+from dflash.plan.config import ConfigError, leaves, load_phase
 from dflash.plan.keys import load_registry
 from dflash.plan.paths import REHEARSAL_FILE
 from dflash.plan.stages import BY_NAME
@@ -25,15 +25,6 @@ QWEN3_PHASES = ("qwen3_8b", *(f"phase_{c}" for c in "abcdefghijk"), "paper")
 OVERLAY = yaml.safe_load(REHEARSAL_FILE.read_text())
 DEPTH = OVERLAY["target"]["qwen3_offline"]["num_layers"]
 needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"no shared data folder at {SHARED_DATA}")
-
-
-def flat(d, prefix=""):
-    """{dotted path: leaf} of nested dicts (lists are leaves)."""
-    out = {}
-    for k, v in d.items():
-        path = f"{prefix}{k}"
-        out.update(flat(v, path + ".") if isinstance(v, dict) and v else {path: v})
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +50,8 @@ def test_every_substitution_is_recorded_in_the_stages_that_read_it(both, name):
     reg = both if name in QWEN3_PHASES else load_registry(only=[name, rehearsal.PREFIX + name])
     real, reh = reg.phases[name], reg.phases[rehearsal.PREFIX + name]
     for run, plan in reg.plans[rehearsal.PREFIX + name].items():
-        changed = {p for p, v in flat(reh.runs[run]).items() if flat(real.runs[run]).get(p, "absent") != v}
-        changed |= set(flat(real.runs[run])) - set(flat(reh.runs[run]))
+        changed = {p for p, v in leaves(reh.runs[run]).items() if leaves(real.runs[run]).get(p, "absent") != v}
+        changed |= set(leaves(real.runs[run])) - set(leaves(reh.runs[run]))
         recorded = {p for rec in reh.rehearsal["runs"][run].values() for p in rec}
         uncovered = {p for p in changed if not any(p == r or p.startswith(r + ".") or r.startswith(p + ".")
                                                    for r in recorded)}
